@@ -1,0 +1,171 @@
+"""Command-line plumbing shared by every stage: params loading, strict validation, clean errors.
+
+Each stage is one Typer command. Its non-path options are its hyperparameters; their values come from one section of
+``params.yaml`` through the ``default_map`` of Typer's context, so ``--help`` documents every key and a flag given on the command line
+still wins. Paths are passed by ``dvc.yaml`` only.
+"""
+
+from __future__ import annotations
+
+import enum
+import importlib
+import sys
+import types
+import typing
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import typer
+import yaml
+
+__all__ = ["PipelineError", "PARAMS_OPTION", "stage_options", "load_section", "run_stage"]
+
+PARAMS_OPTION = "params"
+"""Name of the option every stage has that points at the params file."""
+
+
+class PipelineError(Exception):
+    """An error the user can fix (bad input, bad params, missing file): :func:`run_stage` prints it as one line on
+    stderr, without a traceback, and exits with status 1."""
+
+    exit_code = 1
+
+
+def _callback(app: typer.Typer) -> Callable[..., Any]:
+    if len(app.registered_commands) != 1:
+        raise TypeError("a stage app must have exactly one command")
+    return app.registered_commands[0].callback
+
+
+def stage_options(app: typer.Typer) -> dict[str, Any]:
+    """The hyperparameters of a stage: its command's arguments that are not paths, with their type annotations.
+
+    Args:
+        app: the stage's Typer application (one command).
+
+    Returns:
+        argument name (the params.yaml key) -> type annotation (``int``, ``float``, ``list[int]``, ``Optional[int]``...).
+    """
+    hints = typing.get_type_hints(_callback(app))
+    return {name: hint for name, hint in hints.items() if name != "return" and hint is not Path}
+
+
+def _unwrap_optional(hint: Any) -> tuple[Any, bool]:
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in args:
+        rest = [a for a in args if a is not type(None)]
+        return rest[0], True
+    return hint, False
+
+
+def _scalar_ok(value: Any, hint: Any) -> bool:
+    """True when ``value`` (as parsed by YAML) has exactly the type ``hint``: no silent int(0.5) == 0."""
+    if isinstance(hint, type) and issubclass(hint, enum.Enum):
+        return value in [e.value for e in hint]
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, hint)
+
+
+def _type_name(hint: Any) -> str:
+    if isinstance(hint, type) and issubclass(hint, enum.Enum):
+        return "one of " + ", ".join(str(e.value) for e in hint)
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(hint, str(hint))
+
+
+def _check_value(key: str, value: Any, hint: Any) -> None:
+    hint, optional = _unwrap_optional(hint)
+    if value is None and optional:
+        return
+    if typing.get_origin(hint) is list:
+        (item,) = typing.get_args(hint)
+        if not isinstance(value, list) or not all(_scalar_ok(v, item) for v in value):
+            raise PipelineError(f"params key '{key}' must be a list of values that are each {_type_name(item)}, "
+                                f"got {value!r}")
+        return
+    if not _scalar_ok(value, hint):
+        raise PipelineError(f"params key '{key}' must be {_type_name(hint)}{' or null' if optional else ''}, "
+                            f"got {value!r} ({type(value).__name__})")
+
+
+def read_params(path: Path) -> dict[str, Any]:
+    """Read a params file into a dict, with a clear error when it is missing or not YAML."""
+    if not path.is_file():
+        raise PipelineError(f"params file {path} not found (run from the repository root, or pass --params)")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise PipelineError(f"params file {path} is not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise PipelineError(f"params file {path} must hold a mapping of sections")
+    return data
+
+
+def load_section(params: dict[str, Any], section: str, apps: Sequence[typer.Typer]) -> dict[str, Any]:
+    """Validate one params section against the stages that read it and return the part the first stage reads.
+
+    Args:
+        params: the whole params file.
+        section: the section name, e.g. ``"autoencoder"``.
+        apps: the stage whose values are wanted first, then every other stage reading this section; a key that none
+            of them reads is an error (a misspelt key must never fall back silently to a default).
+
+    Raises:
+        PipelineError: the section is missing, has an unknown key, or a value of the wrong type.
+    """
+    if section not in params or not isinstance(params[section], dict):
+        raise PipelineError(f"params section '{section}' is missing from the params file")
+    values = params[section]
+    known: dict[str, Any] = {}
+    for app in reversed(apps):
+        known.update(stage_options(app))
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise PipelineError(f"unknown params key(s) {', '.join(f'{section}.{k}' for k in unknown)}; "
+                            f"known keys: {', '.join(sorted(known))}")
+    for key, value in values.items():
+        _check_value(f"{section}.{key}", value, known[key])
+    own = stage_options(apps[0])
+    return {k: v for k, v in values.items() if k in own}
+
+
+def _params_path(argv: Sequence[str]) -> Path:
+    flag = "--" + PARAMS_OPTION
+    for i, arg in enumerate(argv):
+        if arg == flag and i + 1 < len(argv):
+            return Path(argv[i + 1])
+        if arg.startswith(flag + "="):
+            return Path(arg.split("=", 1)[1])
+    return Path("params.yaml")
+
+
+def run_stage(app: typer.Typer, section: str | None, siblings: Sequence[str] = (), argv: Sequence[str] | None = None) -> None:
+    """Entry point of a stage: load and check its params section, then run its command with them as defaults.
+
+    Args:
+        app: the stage's Typer app.
+        section: its params section, or None for a stage without hyperparameters.
+        siblings: modules (``"pipeline.sample"``) of other stages reading the same section, for the unknown-key check.
+        argv: command-line arguments (default ``sys.argv[1:]``).
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    prog = f"python -m pipeline.{Path(sys.argv[0]).stem}"
+    try:
+        default_map: dict[str, Any] = {}
+        if section is not None and not any(a in ("--help", "-h") for a in argv):
+            apps = [app] + [importlib.import_module(m).app for m in siblings]
+            default_map = load_section(read_params(_params_path(argv)), section, apps)
+        app(args=argv, default_map=default_map, prog_name=prog)
+    except PipelineError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        sys.exit(exc.exit_code)
+
+
+def params_option() -> Any:
+    """The ``--params`` option every stage has."""
+    return typer.Option(Path("params.yaml"), "--params", help="Params file; the stage reads its own section of it.",
+                        exists=False, dir_okay=False)

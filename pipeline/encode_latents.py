@@ -1,0 +1,56 @@
+"""Stage ``encode_latents``: encode every split to autoencoder latents (posterior means) and compute the scale factor.
+
+The latent scale factor is 1 / std of the train latents (Rombach et al., CVPR 2022, sec. 4.3.2), so the diffusion
+model sees unit-variance inputs. It is computed here and stored in ``scale.json`` beside the latents, never copied by
+hand. This stage has no hyperparameters.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import typer
+
+from pipeline.artifacts import atomic_outputs, load_model, save_npz, write_json
+from pipeline.cli import run_stage
+from pipeline.data import SPLITS, load_prepared
+from pipeline.models import REGISTRY, encode_mean, pick_device
+
+SECTION = None  # no hyperparameters
+app = typer.Typer(add_completion=False, help=__doc__)
+
+
+def scale_stats(latents: torch.Tensor) -> dict[str, float | int | list[int]]:
+    """Mean, std and scale factor (1/std) of train latents, plus their shape C×h×w."""
+    std = latents.std().item()
+    return {"scale_factor": 1.0 / std, "latent_std": std, "latent_mean": latents.mean().item(),
+            "latent_shape": list(latents.shape[1:])}
+
+
+@app.command()
+def main(
+    data: Path = typer.Option(..., help="Prepared data folder."),
+    model: Path = typer.Option(..., help="Autoencoder model folder."),
+    out: Path = typer.Option(..., help="Output folder: <split>.npz latents + scale.json."),
+    metrics: Path = typer.Option(..., help="Output metrics JSON (scale factor and latent statistics)."),
+) -> None:
+    """Encode train/val/test to latents and write the latent scale factor."""
+    device = pick_device()
+    ae, _ = load_model(model, REGISTRY)
+    ae.to(device)
+    with atomic_outputs(out, metrics) as (tmp_out, tmp_metrics):
+        tmp_out.mkdir()
+        for split in SPLITS:
+            x, y = load_prepared(data, split)
+            z = encode_mean(ae, x, 256, device)
+            save_npz(tmp_out / f"{split}.npz", latents=z.numpy(), labels=y.numpy())
+            if split == "train":
+                stats = scale_stats(z)
+        write_json(tmp_out / "scale.json", stats)
+        write_json(tmp_metrics, {k: round(v, 6) for k, v in stats.items() if isinstance(v, float)})
+    typer.echo(f"latents {stats['latent_shape']}, scale factor {stats['scale_factor']:.4f} -> {out}", err=True)
+
+
+if __name__ == "__main__":
+    run_stage(app, SECTION)

@@ -1,0 +1,59 @@
+"""Model construction and batched inference helpers shared by the stages (MONAI core networks only)."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from monai.networks.nets import AutoencoderKL, DiffusionModelUNet, PatchDiscriminator
+
+__all__ = ["REGISTRY", "pick_device", "autoencoder_args", "kl_loss", "batched", "encode_mean", "reconstruct"]
+
+REGISTRY: dict[str, type[torch.nn.Module]] = {
+    "AutoencoderKL": AutoencoderKL,
+    "DiffusionModelUNet": DiffusionModelUNet,
+    "PatchDiscriminator": PatchDiscriminator,
+}
+
+
+def pick_device() -> torch.device:
+    """CUDA when available, else CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def autoencoder_args(channels: list[int], latent_channels: int, num_res_blocks: int,
+                     norm_num_groups: int) -> dict[str, object]:
+    """Constructor arguments of a 2-D, 1-channel :class:`AutoencoderKL` (its keys are MONAI's argument names).
+
+    The latent grid is the input size divided by 2^(len(channels) - 1). Attention is off: at 16×16 latents it costs
+    more CPU time than it buys.
+    """
+    return {
+        "spatial_dims": 2, "in_channels": 1, "out_channels": 1, "channels": list(channels),
+        "latent_channels": latent_channels, "num_res_blocks": num_res_blocks,
+        "attention_levels": [False] * len(channels), "norm_num_groups": norm_num_groups,
+        "with_encoder_nonlocal_attn": False, "with_decoder_nonlocal_attn": False,
+    }
+
+
+def kl_loss(z_mu: torch.Tensor, z_sigma: torch.Tensor) -> torch.Tensor:
+    """KL(q(z|x) || N(0, I)), summed over latent elements, averaged over the batch (Kingma & Welling 2014)."""
+    kl = 0.5 * (z_mu.pow(2) + z_sigma.pow(2) - torch.log(z_sigma.pow(2) + 1e-12) - 1.0)
+    return kl.flatten(1).sum(1).mean()
+
+
+@torch.inference_mode()
+def batched(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, batch_size: int,
+            device: torch.device) -> torch.Tensor:
+    """Apply ``fn`` to ``x`` in batches on ``device``; the result is gathered on the CPU."""
+    return torch.cat([fn(x[i:i + batch_size].to(device)).cpu() for i in range(0, len(x), batch_size)])
+
+
+def encode_mean(ae: AutoencoderKL, x: torch.Tensor, batch_size: int, device: torch.device) -> torch.Tensor:
+    """Posterior means z_mu of images ``x`` (N×1×P×P in [0, 1])."""
+    return batched(lambda b: ae.encode(b)[0], x, batch_size, device)
+
+
+def reconstruct(ae: AutoencoderKL, x: torch.Tensor, batch_size: int, device: torch.device) -> torch.Tensor:
+    """Deterministic reconstructions (decode of the posterior mean), clamped to [0, 1]."""
+    return batched(lambda b: ae.decode(ae.encode(b)[0]).clamp(0, 1), x, batch_size, device)

@@ -1,0 +1,101 @@
+"""Shared fixtures: a medmnist root seeded from the real PneumoniaMNIST file, the tiny params profile, and one run of
+the real pipeline stages on it (each test then checks what it needs)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import pytest
+import yaml
+
+from pipeline.cli import run_stage
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "tests" / "params_tiny.yaml"
+REAL_NPZ = Path(os.environ.get("PNEUMONIAMNIST_NPZ", REPO.parent / "shared" / "data" / "pneumoniamnist.npz"))
+
+
+@pytest.fixture(scope="session")
+def real_npz() -> Path:
+    if not REAL_NPZ.is_file():
+        pytest.fail(f"real data {REAL_NPZ} not found: put pneumoniamnist.npz (MD5 28209eda62fecd6e6a2d98b1501bb15f) "
+                    "in ../shared/data/ or set $PNEUMONIAMNIST_NPZ")
+    return REAL_NPZ
+
+
+@pytest.fixture(scope="session")
+def medmnist_root(tmp_path_factory: pytest.TempPathFactory, real_npz: Path) -> Path:
+    """A medmnist root holding a copy of the real 28×28 file; $MEDMNIST_ROOT points at it for the whole session."""
+    root = tmp_path_factory.mktemp("medmnist")
+    shutil.copy(real_npz, root / real_npz.name)
+    os.environ["MEDMNIST_ROOT"] = str(root)
+    return root
+
+
+def write_params(path: Path, **overrides: dict) -> Path:
+    """Write the tiny profile to ``path`` with some sections updated, e.g. ``data={"size": 32}``."""
+    params = yaml.safe_load(TINY.read_text())
+    for section, values in overrides.items():
+        params[section].update(values)
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    return path
+
+
+def run(module: str, args: Sequence[str]) -> int:
+    """Run a stage in-process exactly as ``python -m pipeline.<module> args`` would; return its exit code."""
+    mod = __import__(f"pipeline.{module}", fromlist=["app"])
+    sys.argv = [f"{module}.py", *map(str, args)]
+    try:
+        run_stage(mod.app, mod.SECTION, getattr(mod, "SIBLINGS", ()), argv=list(map(str, args)))
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    return 0
+
+
+def run_subprocess(module: str, args: Sequence[str], cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """Run a stage as a separate ``python -m`` process (to see its real exit code and stderr)."""
+    return subprocess.run([sys.executable, "-m", f"pipeline.{module}", *map(str, args)], cwd=cwd or REPO,
+                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+
+
+@dataclass
+class Workspace:
+    """Where the session's tiny pipeline run wrote its outputs."""
+
+    root: Path
+    params: Path
+
+    def __truediv__(self, rel: str) -> Path:
+        return self.root / rel
+
+
+@pytest.fixture(scope="session")
+def pipeline_run(tmp_path_factory: pytest.TempPathFactory, medmnist_root: Path) -> Workspace:
+    """Run prepare → fid_ref → train_autoencoder → evaluate_autoencoder → encode_latents on the tiny profile."""
+    ws = Workspace(tmp_path_factory.mktemp("ws"), Path())
+    ws.params = write_params(ws / "params.yaml")
+    p = ["--params", ws.params]
+    steps = [
+        ("prepare", ["--out", ws / "data/prepared", "--metrics", ws / "metrics/data.json",
+                     "--grid", ws / "metrics/plots/data_examples.png"]),
+        ("fid_ref", ["--data", ws / "data/prepared", "--out", ws / "data/fid_ref"]),
+        ("train_autoencoder", ["--data", ws / "data/prepared", "--out", ws / "models/autoencoder",
+                               "--metrics", ws / "metrics/autoencoder_train.json",
+                               "--curve", ws / "metrics/plots/autoencoder_loss.tsv"]),
+        ("evaluate_autoencoder", ["--data", ws / "data/prepared", "--model", ws / "models/autoencoder",
+                                  "--fid-ref", ws / "data/fid_ref", "--metrics", ws / "metrics/autoencoder.json",
+                                  "--figure", ws / "metrics/plots/autoencoder_reconstructions.png"]),
+        ("encode_latents", ["--data", ws / "data/prepared", "--model", ws / "models/autoencoder",
+                            "--out", ws / "data/latents", "--metrics", ws / "metrics/latents.json"]),
+    ]
+    for module, args in steps:
+        mod = __import__(f"pipeline.{module}", fromlist=["SECTION"])
+        code = run(module, args + (p if mod.SECTION else []))
+        assert code == 0, f"stage {module} failed with exit code {code}"
+    return ws
