@@ -72,7 +72,12 @@ def test_missing_file_offline(tmp_path, bad_root, monkeypatch, capsys):
 ])
 def test_bad_params(tmp_path, medmnist_root, section, values, needles):
     params = write_params(tmp_path / "p.yaml", **{section: values})
-    proc = run_subprocess("prepare", prepare_args(tmp_path, params))
+    if section == "data":
+        proc = run_subprocess("prepare", prepare_args(tmp_path, params))
+    else:
+        proc = run_subprocess("train_autoencoder", ["--params", params, "--data", tmp_path / "nowhere",
+                                                    "--out", tmp_path / "out/ae", "--metrics", tmp_path / "out/m.json",
+                                                    "--curve", tmp_path / "out/c.tsv"])
     assert_clean_failure(proc, tmp_path, *needles)
 
 

@@ -1,0 +1,123 @@
+"""Stage ``sample`` (sample cohorts) and the ``generate`` command: DDIM sampling with classifier-free guidance.
+
+Image i of a cohort starts from noise drawn with seed ``sample_seed + i``, so any image can be regenerated alone and a
+cohort does not depend on the batch size. Latents are decoded by the autoencoder, cropped back to the data size and
+quantised to uint8. Reads the sampling keys of the ``ldm`` section (the training keys belong to ``train_ldm``).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import typer
+from tqdm import tqdm
+
+from pipeline.artifacts import atomic_outputs, load_model, save_npz, write_json
+from pipeline.cli import PipelineError, params_option, run_stage
+from pipeline.data import CLASSES, crop, to_uint8
+from pipeline.diffusion import guided_output, make_ddim
+from pipeline.models import REGISTRY, pick_device
+from pipeline.plots import save_rows
+
+SECTION = "ldm"  # the params.yaml section this stage reads (shared with train_ldm)
+SIBLINGS = ("pipeline.train_ldm",)
+app = typer.Typer(add_completion=False, help=__doc__)
+
+
+class Sampler:
+    """The EMA diffusion U-Net, its DDIM schedule and the autoencoder's decoder, ready to make images."""
+
+    def __init__(self, ldm_dir: Path, ae_dir: Path, num_inference_steps: int, device: torch.device) -> None:
+        self.unet, self.config = load_model(ldm_dir, REGISTRY)
+        self.ae, ae_config = load_model(ae_dir, REGISTRY)
+        self.unet.to(device)
+        self.ae.to(device)
+        self.pad = ae_config["data"]["pad"]
+        self.latent_size = ae_config["data"]["padded_size"] // 2 ** (len(ae_config["args"]["channels"]) - 1)
+        self.scheduler_args = self.config["scheduler"]
+        self.num_inference_steps = num_inference_steps
+        self.device = device
+
+    def initial_noise(self, seeds: list[int]) -> torch.Tensor:
+        """One latent of Gaussian noise per seed (each from its own generator)."""
+        c = self.config["args"]["in_channels"]
+        shape = (c, self.latent_size, self.latent_size)
+        return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
+
+    @torch.inference_mode()
+    def denoise(self, z: torch.Tensor, labels: torch.Tensor, guidance_scale: float) -> torch.Tensor:
+        """Run the DDIM reverse process (eta = 0, deterministic) from noise ``z`` to clean scaled latents."""
+        sched = make_ddim(self.scheduler_args, self.num_inference_steps)
+        z, labels = z.to(self.device), labels.to(self.device)
+        for t in sched.timesteps:
+            out = guided_output(self.unet, z, torch.as_tensor(t, device=self.device).long(), labels, guidance_scale)
+            z, _ = sched.step(out, int(t), z)
+        return z
+
+    @torch.inference_mode()
+    def decode(self, z: torch.Tensor) -> np.ndarray:
+        """Scaled latents -> uint8 images N×H×W at the data size."""
+        x = self.ae.decode(z / self.config["scale_factor"]).cpu()
+        return to_uint8(crop(x[:, 0], self.pad))
+
+    def generate(self, labels: np.ndarray, seeds: list[int], guidance_scale: float, batch_size: int,
+                 desc: str = "sampling") -> np.ndarray:
+        """uint8 images N×H×W for ``labels`` (0/1), image i from seed ``seeds[i]``."""
+        out = []
+        for i in tqdm(range(0, len(labels), batch_size), desc=desc, unit="batch"):
+            z = self.initial_noise(seeds[i:i + batch_size])
+            z = self.denoise(z, torch.from_numpy(labels[i:i + batch_size]).long(), guidance_scale)
+            out.append(self.decode(z))
+        return np.concatenate(out) if out else np.zeros((0, 0, 0), np.uint8)
+
+
+def label_matched(train_labels: np.ndarray) -> np.ndarray:
+    """Labels of a cohort with the same class counts as the training set (normals first)."""
+    return np.sort(train_labels).astype(np.int64)
+
+
+@app.command()
+def main(
+    ldm: Path = typer.Option(..., help="Diffusion model folder (output of train_ldm)."),
+    autoencoder: Path = typer.Option(..., help="Autoencoder model folder."),
+    latents: Path = typer.Option(..., help="Latents folder (for the training-set class counts)."),
+    out: Path = typer.Option(..., help="Output folder: cohort_matched.npz, cohort_balanced.npz."),
+    metrics: Path = typer.Option(..., help="Output metrics JSON (counts, images/s)."),
+    grid: Path = typer.Option(..., help="Output PNG grid of samples per class."),
+    params: Path = params_option(),
+    guidance_scale: float = typer.Option(3.0, min=0.0, help="Classifier-free guidance scale w (1 = no guidance)."),
+    num_inference_steps: int = typer.Option(50, min=1, help="DDIM steps."),
+    balanced_per_class: int = typer.Option(500, min=0, help="Images per class in the balanced cohort."),
+    sample_seed: int = typer.Option(0, help="Image i of a cohort uses seed sample_seed + i."),
+    sample_batch_size: int = typer.Option(256, min=1, help="Images per batch (no effect on the images)."),
+) -> None:
+    """Sample the label-matched and balanced cohorts; write arrays, a grid and sampling speed."""
+    t0 = time.time()
+    sampler = Sampler(ldm, autoencoder, num_inference_steps, pick_device())
+    with np.load(latents / "train.npz") as z:
+        matched = label_matched(z["labels"])
+    balanced = np.repeat(np.arange(len(CLASSES)), balanced_per_class)
+    cohorts = {"matched": matched, "balanced": balanced}
+    result: dict[str, float | int] = {}
+    with atomic_outputs(out, metrics, grid) as (tmp_out, tmp_metrics, tmp_grid):
+        tmp_out.mkdir()
+        for name, labels in cohorts.items():
+            seeds = [sample_seed + i for i in range(len(labels))]
+            t1 = time.time()
+            images = sampler.generate(labels, seeds, guidance_scale, sample_batch_size, desc=f"cohort {name}")
+            save_npz(tmp_out / f"cohort_{name}.npz", images=images, labels=labels, seeds=np.asarray(seeds))
+            result[f"{name}_n"] = int(len(labels))
+            result[f"{name}_images_per_s"] = round(len(labels) / max(time.time() - t1, 1e-9), 3)
+            if name == "matched":
+                save_rows(tmp_grid, [(c, images[labels == k][:12]) for k, c in enumerate(CLASSES)],
+                          f"samples, guidance {guidance_scale}, {num_inference_steps} DDIM steps")
+        result["wall_time_s"] = round(time.time() - t0, 1)
+        write_json(tmp_metrics, result)
+
+
+if __name__ == "__main__":
+    run_stage(app, SECTION, SIBLINGS)
