@@ -110,5 +110,17 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
 
 
 def fid_from_features(a: np.ndarray, b: np.ndarray) -> float:
-    """FID between two feature sets (N×2048 each)."""
-    return frechet_distance(*gaussian_stats(a), *gaussian_stats(b))
+    """FID between two feature sets (N×D each).
+
+    When a set has fewer samples than dimensions, Tr((S1 S2)^½) is computed exactly from the centred features: with
+    S1 = AᵀA/(n1−1) and S2 = BᵀB/(n2−1), the non-zero eigenvalues of S1 S2 are the squared singular values of
+    A Bᵀ / √((n1−1)(n2−1)), an n1×n2 problem instead of a D×D matrix square root.
+    """
+    if min(len(a), len(b)) >= a.shape[1]:
+        return frechet_distance(*gaussian_stats(a), *gaussian_stats(b))
+    fa, fb = a.astype(np.float64), b.astype(np.float64)
+    ca, cb = fa - fa.mean(0), fb - fb.mean(0)
+    n1, n2 = len(fa) - 1, len(fb) - 1
+    diff = fa.mean(0) - fb.mean(0)
+    tr_covmean = np.linalg.svd(ca @ cb.T, compute_uv=False).sum() / np.sqrt(n1 * n2)
+    return float(diff @ diff + (ca * ca).sum() / n1 + (cb * cb).sum() / n2 - 2.0 * tr_covmean)

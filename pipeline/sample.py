@@ -7,7 +7,6 @@ quantised to uint8. Reads the sampling keys of the ``ldm`` section (the training
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -17,9 +16,10 @@ import typer
 from tqdm import tqdm
 
 from pipeline.artifacts import atomic_outputs, load_model, save_npz, write_json
-from pipeline.cli import PipelineError, params_option, run_stage
+from pipeline.cli import params_option, run_stage
 from pipeline.data import CLASSES, crop, to_uint8
 from pipeline.diffusion import guided_output, make_ddim
+from pipeline.dicom import write_synthetic_dicom
 from pipeline.models import REGISTRY, pick_device
 from pipeline.plots import save_rows
 
@@ -75,6 +75,15 @@ class Sampler:
         return np.concatenate(out) if out else np.zeros((0, 0, 0), np.uint8)
 
 
+def export_dicom(folder: Path, images: np.ndarray, labels: np.ndarray, seeds: list[int], per_class: int,
+                 settings: str) -> None:
+    """Write the first ``per_class`` images of each class as synthetic DICOM files."""
+    idx = np.concatenate([np.flatnonzero(labels == k)[:per_class] for k in range(len(CLASSES))])
+    if len(idx):
+        write_synthetic_dicom(folder, images[idx], [CLASSES[labels[i]] for i in idx],
+                              [f"label={CLASSES[labels[i]]} seed={seeds[i]} {settings}" for i in idx])
+
+
 def label_matched(train_labels: np.ndarray) -> np.ndarray:
     """Labels of a cohort with the same class counts as the training set (normals first)."""
     return np.sort(train_labels).astype(np.int64)
@@ -85,7 +94,8 @@ def main(
     ldm: Path = typer.Option(..., help="Diffusion model folder (output of train_ldm)."),
     autoencoder: Path = typer.Option(..., help="Autoencoder model folder."),
     latents: Path = typer.Option(..., help="Latents folder (for the training-set class counts)."),
-    out: Path = typer.Option(..., help="Output folder: cohort_matched.npz, cohort_balanced.npz."),
+    out: Path = typer.Option(..., help="Output folder: cohort_matched.npz, cohort_balanced.npz, settings.json, "
+                             "dicom/."),
     metrics: Path = typer.Option(..., help="Output metrics JSON (counts, images/s)."),
     grid: Path = typer.Option(..., help="Output PNG grid of samples per class."),
     params: Path = params_option(),
@@ -94,6 +104,8 @@ def main(
     balanced_per_class: int = typer.Option(500, min=0, help="Images per class in the balanced cohort."),
     sample_seed: int = typer.Option(0, help="Image i of a cohort uses seed sample_seed + i."),
     sample_batch_size: int = typer.Option(256, min=1, help="Images per batch (no effect on the images)."),
+    dicom_per_class: int = typer.Option(8, min=0, help="Balanced-cohort images per class also written as "
+                                        "synthetic DICOM (out/dicom/); 0 = none."),
 ) -> None:
     """Sample the label-matched and balanced cohorts; write arrays, a grid and sampling speed."""
     t0 = time.time()
@@ -115,6 +127,11 @@ def main(
             if name == "matched":
                 save_rows(tmp_grid, [(c, images[labels == k][:12]) for k, c in enumerate(CLASSES)],
                           f"samples, guidance {guidance_scale}, {num_inference_steps} DDIM steps")
+            else:
+                export_dicom(tmp_out / "dicom", images, labels, seeds, dicom_per_class,
+                             f"guidance={guidance_scale} ddim_steps={num_inference_steps}")
+        write_json(tmp_out / "settings.json", {"guidance_scale": guidance_scale, "sample_seed": sample_seed,
+                                                 "num_inference_steps": num_inference_steps})
         result["wall_time_s"] = round(time.time() - t0, 1)
         write_json(tmp_metrics, result)
 

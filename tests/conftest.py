@@ -77,7 +77,7 @@ class Workspace:
 
 @pytest.fixture(scope="session")
 def pipeline_run(tmp_path_factory: pytest.TempPathFactory, medmnist_root: Path) -> Workspace:
-    """Run prepare → fid_ref → train_autoencoder → evaluate_autoencoder → encode_latents on the tiny profile."""
+    """Run every stage, in pipeline order, on the tiny profile."""
     ws = Workspace(tmp_path_factory.mktemp("ws"), Path())
     ws.params = write_params(ws / "params.yaml")
     p = ["--params", ws.params]
@@ -93,6 +93,15 @@ def pipeline_run(tmp_path_factory: pytest.TempPathFactory, medmnist_root: Path) 
                                   "--figure", ws / "metrics/plots/autoencoder_reconstructions.png"]),
         ("encode_latents", ["--data", ws / "data/prepared", "--model", ws / "models/autoencoder",
                             "--out", ws / "data/latents", "--metrics", ws / "metrics/latents.json"]),
+        ("train_ldm", ["--latents", ws / "data/latents", "--out", ws / "models/ldm", "--metrics", ws / "metrics/ldm.json",
+                       "--curve", ws / "metrics/plots/ldm_loss.tsv"]),
+        ("sample", ["--ldm", ws / "models/ldm", "--autoencoder", ws / "models/autoencoder", "--latents",
+                    ws / "data/latents", "--out", ws / "data/samples", "--metrics", ws / "metrics/sample.json",
+                    "--grid", ws / "metrics/plots/samples.png"]),
+        ("compute_fid", ["--samples", ws / "data/samples", "--fid-ref", ws / "data/fid_ref",
+                         "--metrics", ws / "metrics/fid.json"]),
+        ("sampling_speed", ["--ldm", ws / "models/ldm", "--autoencoder", ws / "models/autoencoder",
+                            "--samples", ws / "data/samples", "--metrics", ws / "metrics/sampling_speed.json"]),
     ]
     for module, args in steps:
         mod = __import__(f"pipeline.{module}", fromlist=["SECTION"])

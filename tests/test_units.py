@@ -70,6 +70,15 @@ def test_fid_matches_torchmetrics_on_the_same_features():
     assert ours == pytest.approx(theirs, abs=1e-3)
 
 
+def test_fid_low_sample_path_equals_the_matrix_square_root():
+    rng = np.random.default_rng(1)
+    a, b = rng.normal(size=(20, 64)), rng.normal(0.2, 1.1, size=(30, 64)) @ rng.normal(size=(64, 64)) / 8
+    from pipeline.fid import gaussian_stats
+
+    exact = frechet_distance(*gaussian_stats(a), *gaussian_stats(b))
+    assert fid_from_features(a, b) == pytest.approx(exact, rel=1e-6, abs=1e-6)
+
+
 def _app():
     app = typer.Typer()
 

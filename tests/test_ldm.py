@@ -1,0 +1,161 @@
+"""Conditional LDM: conditioning, guidance, EMA, seeding, and the train_ldm / sample stages on the tiny profile."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pydicom
+import pytest
+import torch
+from monai.networks.nets import DiffusionModelUNet
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+from pipeline.artifacts import load_model
+from pipeline.diffusion import NULL_CLASS, drop_labels, guided_output, unet_args
+from pipeline.models import REGISTRY, pick_device
+from pipeline.sample import Sampler
+
+
+@pytest.fixture(scope="module")
+def unet() -> DiffusionModelUNet:
+    torch.manual_seed(0)
+    unet = DiffusionModelUNet(**unet_args(2, [8, 16], [False, True], 1, 8, 8)).eval()
+    with torch.no_grad():  # MONAI zero-initialises output layers; give them weights so outputs depend on inputs
+        for p in unet.parameters():
+            if p.abs().sum() == 0:
+                p.normal_(0, 0.05)
+    return unet
+
+
+def test_null_label_forward_pass(unet):
+    z, t = torch.randn(3, 2, 16, 16), torch.tensor([5, 50, 500])
+    out_null = unet(z, timesteps=t, class_labels=torch.full((3,), NULL_CLASS))
+    out_cond = unet(z, timesteps=t, class_labels=torch.tensor([0, 1, 1]))
+    assert out_null.shape == z.shape and torch.isfinite(out_null).all()
+    assert not torch.allclose(out_null, out_cond)  # the label embedding changes the prediction
+
+
+def test_guidance_scale_one_is_the_conditional_prediction(unet):
+    z, labels, t = torch.randn(4, 2, 16, 16), torch.tensor([0, 1, 0, 1]), torch.tensor(300)
+    with torch.no_grad():
+        cond = unet(z, timesteps=t.expand(4), class_labels=labels)
+        uncond = unet(z, timesteps=t.expand(4), class_labels=torch.full((4,), NULL_CLASS))
+        assert torch.allclose(guided_output(unet, z, t, labels, 1.0), cond, atol=1e-5)
+        assert torch.allclose(guided_output(unet, z, t, labels, 0.0), uncond, atol=1e-5)
+        w = 3.0
+        assert torch.allclose(guided_output(unet, z, t, labels, w), uncond + w * (cond - uncond), atol=1e-4)
+
+
+def test_label_dropout():
+    labels = torch.tensor([0, 1] * 500)
+    assert torch.equal(drop_labels(labels, 0.0), labels)
+    assert (drop_labels(labels, 1.0) == NULL_CLASS).all()
+    dropped = (drop_labels(labels, 0.3, torch.Generator().manual_seed(0)) == NULL_CLASS).float().mean().item()
+    assert 0.25 < dropped < 0.35
+
+
+def test_ema_follows_the_decay():
+    net = torch.nn.Linear(2, 1, bias=False)
+    ema = AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(0.9), use_buffers=True)
+    with torch.no_grad():
+        net.weight.fill_(1.0)
+        ema.update_parameters(net)  # first update copies
+        net.weight.fill_(2.0)
+        ema.update_parameters(net)
+    assert torch.allclose(ema.module.weight, torch.full((1, 2), 0.9 * 1.0 + 0.1 * 2.0))
+
+
+def test_train_ldm_outputs(pipeline_run):
+    unet, config = load_model(pipeline_run / "models/ldm", REGISTRY)
+    assert config["class"] == "DiffusionModelUNet" and config["args"]["num_class_embeds"] == 3
+    assert config["scheduler"]["prediction_type"] == "v_prediction"
+    scale = json.loads((pipeline_run / "data/latents/scale.json").read_text())["scale_factor"]
+    assert config["scale_factor"] == pytest.approx(scale)
+    m = json.loads((pipeline_run / "metrics/ldm.json").read_text())
+    assert m["epochs"] == 2 and np.isfinite(m["train_loss"]) and np.isfinite(m["val_loss"])
+    assert len((pipeline_run / "metrics/plots/ldm_loss.tsv").read_text().splitlines()) == 3
+
+
+def test_sample_outputs(pipeline_run):
+    with np.load(pipeline_run / "data/samples/cohort_matched.npz") as z:
+        images, labels, seeds = z["images"], z["labels"], z["seeds"]
+    assert images.shape == (24, 28, 28) and images.dtype == np.uint8
+    assert list(labels).count(0) == 12 and list(labels).count(1) == 12  # matches the (tiny) training set
+    np.testing.assert_array_equal(seeds, np.arange(24))
+    with np.load(pipeline_run / "data/samples/cohort_balanced.npz") as z:
+        assert z["images"].shape == (6, 28, 28) and list(z["labels"]) == [0, 0, 0, 1, 1, 1]
+    m = json.loads((pipeline_run / "metrics/sample.json").read_text())
+    assert m["matched_n"] == 24 and m["matched_images_per_s"] > 0
+    dicoms = sorted((pipeline_run / "data/samples/dicom").glob("*.dcm"))
+    assert len(dicoms) == 4
+    ds = pydicom.dcmread(dicoms[0])
+    assert "DERIVED" in ds.ImageType and "SYNTHETIC" in ds.ImageType and ds.PatientName == "SYNTHETIC"
+    assert ds.pixel_array.shape == (28, 28) and ds.pixel_array.dtype == np.uint8
+    assert len({pydicom.dcmread(p).SOPInstanceUID for p in dicoms}) == 4
+
+
+def test_one_seed_per_image_and_determinism(pipeline_run):
+    sampler = Sampler(pipeline_run / "models/ldm", pipeline_run / "models/autoencoder", 5, pick_device())
+    labels = np.array([0, 1, 1, 0, 1])
+    seeds = [10, 11, 12, 13, 14]
+    together = sampler.generate(labels, seeds, 2.0, batch_size=5)
+    again = sampler.generate(labels, seeds, 2.0, batch_size=5)
+    one_by_one = np.concatenate([sampler.generate(labels[i:i + 1], seeds[i:i + 1], 2.0, 1) for i in range(5)])
+    np.testing.assert_array_equal(together, again)
+    np.testing.assert_allclose(together.astype(int), one_by_one.astype(int), atol=1)  # batch size: float rounding
+    cohort = np.load(pipeline_run / "data/samples/cohort_matched.npz")
+    idx = [3, 20]
+    regen = sampler.generate(cohort["labels"][idx], [int(s) for s in cohort["seeds"][idx]], 2.0, 2)
+    np.testing.assert_allclose(regen.astype(int), cohort["images"][idx].astype(int), atol=1)
+
+
+def test_fid_stage_names_reference_and_n(pipeline_run):
+    m = json.loads((pipeline_run / "metrics/fid.json").read_text())
+    for key in ["fid_inception_vs_train_n24", "fid_inception_normal_vs_train_normal_n12",
+                "fid_inception_pneumonia_vs_train_pneumonia_n12", "fid_inception_vs_test_n24"]:
+        assert m[key] > 0, key
+
+
+def test_sampling_speed_metrics(pipeline_run):
+    m = json.loads((pipeline_run / "metrics/sampling_speed.json").read_text())
+    assert m["ddim_steps"] == 5 and m["ddpm_steps"] == 20 and m["n_images"] == 4
+    assert m["ddim_images_per_s"] > 0 and m["ddpm_images_per_s"] > 0 and m["speedup_vs_ddpm"] > 1
+
+
+def test_generate_command_writes_png_and_dicom(pipeline_run, tmp_path):
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from pipeline.generate import app
+
+    out = tmp_path / "gen"
+    result = CliRunner().invoke(app, ["--label", "pneumonia", "-n", "3", "--seed", "10", "--format", "both",
+                                      "--steps", "5", "--guidance-scale", "2.0", "--out", str(out),
+                                      "--ldm", str(pipeline_run / "models/ldm"),
+                                      "--autoencoder", str(pipeline_run / "models/autoencoder")])
+    assert result.exit_code == 0, result.output
+    pngs = sorted(out.glob("*.png"))
+    assert [p.name for p in pngs] == [f"pneumonia_seed{s:06d}.png" for s in (10, 11, 12)]
+    assert np.asarray(Image.open(pngs[0])).shape == (28, 28)
+    assert len(list((out / "dicom").glob("*.dcm"))) == 3
+    # image 11 of this run is image 1 of a run started at seed 10 ... and equals a fresh run at seed 11
+    again = tmp_path / "again"
+    CliRunner().invoke(app, ["--label", "pneumonia", "-n", "1", "--seed", "11", "--steps", "5",
+                             "--guidance-scale", "2.0", "--out", str(again),
+                             "--ldm", str(pipeline_run / "models/ldm"),
+                             "--autoencoder", str(pipeline_run / "models/autoencoder")])
+    a = np.asarray(Image.open(out / "pneumonia_seed000011.png")).astype(int)
+    b = np.asarray(Image.open(again / "pneumonia_seed000011.png")).astype(int)
+    assert np.abs(a - b).max() <= 1
+
+
+def test_generate_help_explains_every_option():
+    from typer.testing import CliRunner
+
+    from pipeline.generate import app
+
+    result = CliRunner().invoke(app, ["--help"])
+    assert result.exit_code == 0
+    for option in ["--label", "--n", "--out", "--format", "--seed", "--guidance-scale", "--steps", "--ldm"]:
+        assert option in result.output
