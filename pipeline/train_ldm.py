@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import typer
 from monai.networks.nets import DiffusionModelUNet
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.optim.swa_utils import AveragedModel
 from tqdm import tqdm
 
 from pipeline.artifacts import atomic_outputs, save_model, seed_all, write_json, write_tsv
@@ -37,6 +37,16 @@ def load_latents(folder: Path, split: str, scale: float) -> tuple[torch.Tensor, 
         raise PipelineError(f"{path} not found: run the encode_latents stage first")
     with np.load(path) as z:
         return torch.from_numpy(z["latents"]) * scale, torch.from_numpy(z["labels"]).long()
+
+
+def ema_avg_fn(decay: float):
+    """EMA update with warm-up: the effective decay is min(decay, (1 + n) / (10 + n)) after n updates, so the
+    randomly initialised weights do not linger in the average of a short run (as in diffusers' EMAModel)."""
+    def f(averaged: torch.Tensor, current: torch.Tensor, num_averaged: torch.Tensor) -> torch.Tensor:
+        n = float(num_averaged)
+        d = min(decay, (1.0 + n) / (10.0 + n))
+        return d * averaged + (1.0 - d) * current
+    return f
 
 
 def lr_lambda(warmup: int, total: int):
@@ -106,7 +116,7 @@ def main(
     sargs = scheduler_args(num_train_timesteps, schedule, prediction_type)
     sched = make_ddpm(sargs)
     unet = DiffusionModelUNet(**args).to(device)
-    ema = AveragedModel(unet, multi_avg_fn=get_ema_multi_avg_fn(ema_decay), use_buffers=True)
+    ema = AveragedModel(unet, avg_fn=ema_avg_fn(ema_decay), use_buffers=True)
     opt = torch.optim.AdamW(unet.parameters(), lr=lr)
     steps_per_epoch = -(-len(z_train) // batch_size)
     lr_sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(warmup_steps, epochs * steps_per_epoch))

@@ -9,12 +9,13 @@ import pydicom
 import pytest
 import torch
 from monai.networks.nets import DiffusionModelUNet
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.optim.swa_utils import AveragedModel
 
 from pipeline.artifacts import load_model
 from pipeline.diffusion import NULL_CLASS, drop_labels, guided_output, unet_args
 from pipeline.models import REGISTRY, pick_device
 from pipeline.sample import Sampler
+from pipeline.train_ldm import ema_avg_fn
 
 
 @pytest.fixture(scope="module")
@@ -55,15 +56,21 @@ def test_label_dropout():
     assert 0.25 < dropped < 0.35
 
 
-def test_ema_follows_the_decay():
+def test_ema_follows_the_decay_after_warm_up():
     net = torch.nn.Linear(2, 1, bias=False)
-    ema = AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(0.9), use_buffers=True)
+    ema = AveragedModel(net, avg_fn=ema_avg_fn(0.9), use_buffers=True)
     with torch.no_grad():
         net.weight.fill_(1.0)
         ema.update_parameters(net)  # first update copies
         net.weight.fill_(2.0)
+        ema.update_parameters(net)  # n = 1: warm-up decay (1 + 1) / (10 + 1) = 2/11 < 0.9
+        assert torch.allclose(ema.module.weight, torch.full((1, 2), 2 / 11 * 1.0 + 9 / 11 * 2.0))
+        for _ in range(200):  # long after warm-up the decay is 0.9
+            ema.update_parameters(net)
+        before = ema.module.weight.clone()
+        net.weight.fill_(3.0)
         ema.update_parameters(net)
-    assert torch.allclose(ema.module.weight, torch.full((1, 2), 0.9 * 1.0 + 0.1 * 2.0))
+    assert torch.allclose(ema.module.weight, 0.9 * before + 0.1 * 3.0)
 
 
 def test_train_ldm_outputs(pipeline_run):
