@@ -13,10 +13,42 @@ import torch
 from monai.networks.nets import DiffusionModelUNet
 from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
 
-__all__ = ["NULL_CLASS", "unet_args", "scheduler_args", "make_ddpm", "make_ddim", "training_target",
-           "drop_labels", "guided_output"]
+__all__ = ["NULL_CLASS", "LATENT_NORMS", "latent_normalizer", "to_model_space", "from_model_space", "unet_args",
+           "scheduler_args", "make_ddpm", "make_ddim", "clip_denoised_latents", "training_target", "drop_labels", "guided_output"]
 
 NULL_CLASS = 2
+LATENT_NORMS = ("channel", "global")
+
+
+def latent_normalizer(stats: dict[str, Any], mode: str) -> tuple[list[float], list[float]]:
+    """Per-channel ``(shift, scale)`` that map autoencoder latents to what the diffusion model sees: (z − shift)·scale.
+
+    Args:
+        stats: the ``scale.json`` written by encode_latents.
+        mode: ``"global"``: one scale factor 1/std for all channels, no shift (Rombach et al., CVPR 2022);
+            ``"channel"``: each channel standardised by its own train mean and std, so that channels whose std is
+            10× smaller than the others are not drowned by the noise early in the forward process.
+    """
+    c = stats["latent_shape"][0]
+    if mode == "global":
+        return [0.0] * c, [float(stats["scale_factor"])] * c
+    if mode == "channel":
+        return [float(m) for m in stats["channel_mean"]], [1.0 / float(s) for s in stats["channel_std"]]
+    raise ValueError(f"latent normalisation must be one of {LATENT_NORMS}, got {mode!r}")
+
+
+def _per_channel(values: list[float], z: torch.Tensor) -> torch.Tensor:
+    return torch.as_tensor(values, dtype=z.dtype, device=z.device).view(1, -1, *([1] * (z.ndim - 2)))
+
+
+def to_model_space(z: torch.Tensor, shift: list[float], scale: list[float]) -> torch.Tensor:
+    """Autoencoder latents N×C×… -> normalised latents (z − shift)·scale."""
+    return (z - _per_channel(shift, z)) * _per_channel(scale, z)
+
+
+def from_model_space(z: torch.Tensor, shift: list[float], scale: list[float]) -> torch.Tensor:
+    """Inverse of :func:`to_model_space`."""
+    return z / _per_channel(scale, z) + _per_channel(shift, z)
 
 
 def unet_args(latent_channels: int, channels: list[int], attention_levels: list[bool], num_res_blocks: int,
@@ -43,10 +75,25 @@ def make_ddpm(args: dict[str, Any]) -> DDPMScheduler:
     return DDPMScheduler(**args)
 
 
-def make_ddim(args: dict[str, Any], num_inference_steps: int) -> DDIMScheduler:
-    """DDIM scheduler (Song et al., ICLR 2021) with the training betas, set to ``num_inference_steps`` steps."""
+def make_ddim(args: dict[str, Any], num_inference_steps: int, clip_denoised: float = 0.0) -> DDIMScheduler:
+    """DDIM scheduler (Song et al., ICLR 2021) with the training betas, set to ``num_inference_steps`` steps, clamping
+    its predicted clean latent as :func:`clip_denoised` says."""
     sched = DDIMScheduler(**args)
     sched.set_timesteps(num_inference_steps)
+    return clip_denoised_latents(sched, clip_denoised)
+
+
+def clip_denoised_latents(sched: DDIMScheduler | DDPMScheduler, clip: float) -> DDIMScheduler | DDPMScheduler:
+    """Clamp the predicted clean latent x̂0 to [−clip, clip] (normalised latent units) at every sampling step; 0 = off.
+
+    With epsilon prediction, x̂0 = (z_t − √(1−ᾱ_t)·ε̂)/√ᾱ_t amplifies the U-Net's error by 1/√ᾱ_t (84× at the last
+    training step of the default schedule), so the first steps from pure noise predict latents far outside the data
+    (std ≈ 7 where the data has 1) and the trajectory never comes back (the "static thresholding" of Saharia et al.,
+    NeurIPS 2022, applied to normalised latents).
+    """
+    sched.clip_sample = clip > 0
+    if clip > 0:
+        sched.clip_sample_values = [-clip, clip]
     return sched
 
 

@@ -1,8 +1,10 @@
 """Stage ``encode_latents``: encode every split to autoencoder latents (posterior means) and compute the scale factor.
 
 The latent scale factor is 1 / std of the train latents (Rombach et al., CVPR 2022, sec. 4.3.2), so the diffusion
-model sees unit-variance inputs. It is computed here and stored in ``scale.json`` beside the latents, never copied by
-hand. This stage has no hyperparameters.
+model sees unit-variance inputs; the per-channel means and stds are stored too, because the channels of a lightly
+KL-regularised autoencoder differ in scale by more than 10× (``ldm.latent_norm`` picks which one the diffusion model
+uses). They are computed here and stored in ``scale.json`` beside the latents, never copied by hand. This stage has no
+hyperparameters.
 """
 
 from __future__ import annotations
@@ -21,11 +23,13 @@ SECTION = None  # no hyperparameters
 app = typer.Typer(add_completion=False, help=__doc__)
 
 
-def scale_stats(latents: torch.Tensor) -> dict[str, float | int | list[int]]:
-    """Mean, std and scale factor (1/std) of train latents, plus their shape C×h×w."""
+def scale_stats(latents: torch.Tensor) -> dict[str, float | list[int] | list[float]]:
+    """Global mean, std and scale factor (1/std) of train latents N×C×h×w, per-channel means and stds, and the
+    latent shape C×h×w."""
     std = latents.std().item()
     return {"scale_factor": 1.0 / std, "latent_std": std, "latent_mean": latents.mean().item(),
-            "latent_shape": list(latents.shape[1:])}
+            "latent_shape": list(latents.shape[1:]),
+            "channel_mean": latents.mean(dim=(0, 2, 3)).tolist(), "channel_std": latents.std(dim=(0, 2, 3)).tolist()}
 
 
 @app.command()
@@ -48,7 +52,10 @@ def main(
             if split == "train":
                 stats = scale_stats(z)
         write_json(tmp_out / "scale.json", stats)
-        write_json(tmp_metrics, {k: round(v, 6) for k, v in stats.items() if isinstance(v, float)})
+        summary = {k: round(v, 6) for k, v in stats.items() if isinstance(v, float)}
+        summary["channel_std_min"] = round(min(stats["channel_std"]), 6)
+        summary["channel_std_max"] = round(max(stats["channel_std"]), 6)
+        write_json(tmp_metrics, summary)
     typer.echo(f"latents {stats['latent_shape']}, scale factor {stats['scale_factor']:.4f} -> {out}", err=True)
 
 

@@ -44,13 +44,15 @@ def main(
     fmt: Format = typer.Option(Format.png, "--format", help="png, dicom (synthetic Secondary Capture) or both."),
     seed: int = typer.Option(0, help="Image i uses seed seed + i."),
     guidance_scale: float = typer.Option(3.0, min=0.0, help="Classifier-free guidance scale (1 = none)."),
-    steps: int = typer.Option(50, min=1, help="DDIM steps."),
+    steps: int = typer.Option(25, min=1, help="DDIM steps."),
+    clip_denoised: float = typer.Option(2.5, min=0.0, help="Clamp DDIM's predicted clean latent to ±this at every "
+                                        "step (normalised latent units; 0 = off; the cohorts use ldm.clip_denoised)."),
     batch_size: int = typer.Option(64, min=1, help="Images per batch (does not change the images)."),
     ldm: Path = typer.Option(Path("models/ldm"), help="Diffusion model folder."),
     autoencoder: Path = typer.Option(Path("models/autoencoder"), help="Autoencoder model folder."),
 ) -> None:
     """Generate N images of the chosen class and write them as PNG and/or DICOM."""
-    sampler = Sampler(ldm, autoencoder, steps, pick_device())
+    sampler = Sampler(ldm, autoencoder, steps, pick_device(), clip_denoised)
     labels = np.full(n, CLASSES.index(label.value), dtype=np.int64)
     seeds = [seed + i for i in range(n)]
     images = sampler.generate(labels, seeds, guidance_scale, batch_size)

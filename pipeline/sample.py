@@ -18,7 +18,7 @@ from tqdm import tqdm
 from pipeline.artifacts import atomic_outputs, load_model, save_npz, write_json
 from pipeline.cli import params_option, run_stage
 from pipeline.data import CLASSES, crop, to_uint8
-from pipeline.diffusion import guided_output, make_ddim
+from pipeline.diffusion import from_model_space, guided_output, make_ddim, to_model_space
 from pipeline.dicom import write_synthetic_dicom
 from pipeline.models import REGISTRY, pick_device
 from pipeline.plots import save_rows
@@ -31,15 +31,17 @@ app = typer.Typer(add_completion=False, help=__doc__)
 class Sampler:
     """The EMA diffusion U-Net, its DDIM schedule and the autoencoder's decoder, ready to make images."""
 
-    def __init__(self, ldm_dir: Path, ae_dir: Path, num_inference_steps: int, device: torch.device) -> None:
+    def __init__(self, ldm_dir: Path, ae_dir: Path, num_inference_steps: int, device: torch.device,
+                 clip_denoised: float = 0.0) -> None:
         self.unet, self.config = load_model(ldm_dir, REGISTRY)
         self.ae, ae_config = load_model(ae_dir, REGISTRY)
         self.unet.to(device)
         self.ae.to(device)
         self.pad = ae_config["data"]["pad"]
         self.latent_size = ae_config["data"]["padded_size"] // 2 ** (len(ae_config["args"]["channels"]) - 1)
-        self.scheduler_args = self.config["scheduler"]
-        self.num_inference_steps = num_inference_steps
+        self.scheduler = make_ddim(self.config["scheduler"], num_inference_steps, clip_denoised)
+        self.clip_denoised = clip_denoised
+        self.shift, self.scale = self.config["latent_shift"], self.config["latent_scale"]
         self.device = device
 
     def initial_noise(self, seeds: list[int]) -> torch.Tensor:
@@ -51,17 +53,21 @@ class Sampler:
     @torch.inference_mode()
     def denoise(self, z: torch.Tensor, labels: torch.Tensor, guidance_scale: float) -> torch.Tensor:
         """Run the DDIM reverse process (eta = 0, deterministic) from noise ``z`` to clean scaled latents."""
-        sched = make_ddim(self.scheduler_args, self.num_inference_steps)
         z, labels = z.to(self.device), labels.to(self.device)
-        for t in sched.timesteps:
+        for t in self.scheduler.timesteps:
             out = guided_output(self.unet, z, torch.as_tensor(t, device=self.device).long(), labels, guidance_scale)
-            z, _ = sched.step(out, int(t), z)
+            z, _ = self.scheduler.step(out, int(t), z)
         return z
 
     @torch.inference_mode()
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Padded images N×1×P×P in [0, 1] -> normalised latents (the diffusion model's space)."""
+        return to_model_space(self.ae.encode(x.to(self.device))[0], self.shift, self.scale)
+
+    @torch.inference_mode()
     def decode(self, z: torch.Tensor) -> np.ndarray:
-        """Scaled latents -> uint8 images N×H×W at the data size."""
-        x = self.ae.decode(z / self.config["scale_factor"]).cpu()
+        """Normalised latents -> uint8 images N×H×W at the data size."""
+        x = self.ae.decode(from_model_space(z, self.shift, self.scale)).cpu()
         return to_uint8(crop(x[:, 0], self.pad))
 
     def generate(self, labels: np.ndarray, seeds: list[int], guidance_scale: float, batch_size: int,
@@ -101,6 +107,8 @@ def main(
     params: Path = params_option(),
     guidance_scale: float = typer.Option(3.0, min=0.0, help="Classifier-free guidance scale w (1 = no guidance)."),
     num_inference_steps: int = typer.Option(50, min=1, help="DDIM steps."),
+    clip_denoised: float = typer.Option(2.5, min=0.0, help="Clamp DDIM's predicted clean latent to ±this at every "
+                                        "step (normalised latent units; 0 = off)."),
     balanced_per_class: int = typer.Option(500, min=0, help="Images per class in the balanced cohort."),
     sample_seed: int = typer.Option(0, help="Image i of a cohort uses seed sample_seed + i."),
     sample_batch_size: int = typer.Option(256, min=1, help="Images per batch (no effect on the images)."),
@@ -109,7 +117,7 @@ def main(
 ) -> None:
     """Sample the label-matched and balanced cohorts; write arrays, a grid and sampling speed."""
     t0 = time.time()
-    sampler = Sampler(ldm, autoencoder, num_inference_steps, pick_device())
+    sampler = Sampler(ldm, autoencoder, num_inference_steps, pick_device(), clip_denoised)
     with np.load(latents / "train.npz") as z:
         matched = label_matched(z["labels"])
     balanced = np.repeat(np.arange(len(CLASSES)), balanced_per_class)
@@ -129,9 +137,10 @@ def main(
                           f"samples, guidance {guidance_scale}, {num_inference_steps} DDIM steps")
             else:
                 export_dicom(tmp_out / "dicom", images, labels, seeds, dicom_per_class,
-                             f"guidance={guidance_scale} ddim_steps={num_inference_steps}")
+                             f"guidance={guidance_scale} ddim_steps={num_inference_steps} clip={clip_denoised}")
         write_json(tmp_out / "settings.json", {"guidance_scale": guidance_scale, "sample_seed": sample_seed,
-                                                 "num_inference_steps": num_inference_steps})
+                                                 "num_inference_steps": num_inference_steps,
+                                                 "clip_denoised": clip_denoised})
         result["wall_time_s"] = round(time.time() - t0, 1)
         write_json(tmp_metrics, result)
 

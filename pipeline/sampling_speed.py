@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from pipeline.artifacts import atomic_outputs, write_json
 from pipeline.cli import params_option, run_stage
-from pipeline.diffusion import guided_output, make_ddpm
+from pipeline.diffusion import clip_denoised_latents, guided_output, make_ddpm
 from pipeline.models import pick_device
 from pipeline.sample import Sampler
 
@@ -31,7 +31,7 @@ app = typer.Typer(add_completion=False, help=__doc__)
 def ddpm_generate(sampler: Sampler, labels: np.ndarray, seeds: list[int], guidance_scale: float,
                   steps: int) -> np.ndarray:
     """Ancestral DDPM sampling over ``steps`` steps (MONAI tutorial loop) with classifier-free guidance."""
-    sched = make_ddpm({**sampler.scheduler_args})
+    sched = clip_denoised_latents(make_ddpm(sampler.config["scheduler"]), sampler.clip_denoised)
     sched.set_timesteps(steps)
     gen = torch.Generator().manual_seed(seeds[0])
     z = sampler.initial_noise(seeds).to(sampler.device)
@@ -61,7 +61,7 @@ def main(
 ) -> None:
     """Time the default DDIM sampler and 1000-step DDPM on the same model and images."""
     settings = json.loads((samples / "settings.json").read_text())
-    sampler = Sampler(ldm, autoencoder, settings["num_inference_steps"], pick_device())
+    sampler = Sampler(ldm, autoencoder, settings["num_inference_steps"], pick_device(), settings["clip_denoised"])
     labels, seeds = np.arange(n_images) % 2, list(range(n_images))
     w = settings["guidance_scale"]
     _, t_ddim = timed(sampler.generate, labels, seeds, w, n_images)

@@ -22,7 +22,8 @@ from tqdm import tqdm
 
 from pipeline.artifacts import atomic_outputs, save_model, seed_all, write_json, write_tsv
 from pipeline.cli import PipelineError, params_option, run_stage
-from pipeline.diffusion import drop_labels, make_ddpm, scheduler_args, training_target, unet_args
+from pipeline.diffusion import (LATENT_NORMS, drop_labels, latent_normalizer, make_ddpm, scheduler_args,
+                                to_model_space, training_target, unet_args)
 from pipeline.models import pick_device
 
 SECTION = "ldm"  # the params.yaml section this stage reads (shared with sample)
@@ -30,13 +31,13 @@ SIBLINGS = ("pipeline.sample",)
 app = typer.Typer(add_completion=False, help=__doc__)
 
 
-def load_latents(folder: Path, split: str, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scaled latents N×C×h×w and labels of one split."""
+def load_latents(folder: Path, split: str, shift: list[float], scale: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Normalised latents N×C×h×w (see :func:`pipeline.diffusion.latent_normalizer`) and labels of one split."""
     path = folder / f"{split}.npz"
     if not path.is_file():
         raise PipelineError(f"{path} not found: run the encode_latents stage first")
     with np.load(path) as z:
-        return torch.from_numpy(z["latents"]) * scale, torch.from_numpy(z["labels"]).long()
+        return to_model_space(torch.from_numpy(z["latents"]), shift, scale), torch.from_numpy(z["labels"]).long()
 
 
 def ema_avg_fn(decay: float):
@@ -93,6 +94,8 @@ def main(
     num_train_timesteps: int = typer.Option(1000, min=2, help="Diffusion steps of the training schedule."),
     schedule: str = typer.Option("scaled_linear_beta", help="Beta schedule: linear_beta, scaled_linear_beta."),
     prediction_type: str = typer.Option("epsilon", help="epsilon or v_prediction."),
+    latent_norm: str = typer.Option("channel", help="Latent normalisation: channel (each latent channel to zero "
+                                    "mean, unit std) or global (one scale factor 1/std, as in Rombach et al.)."),
     label_dropout: float = typer.Option(0.15, min=0.0, max=1.0, help="P(label -> null class) in training."),
     ema_decay: float = typer.Option(0.999, min=0.0, max=1.0, help="EMA decay of the weights."),
     epochs: int = typer.Option(50, min=1, help="Training epochs."),
@@ -105,12 +108,15 @@ def main(
     """Train the conditional latent diffusion U-Net; save its EMA weights, loss curve and metrics."""
     if prediction_type not in ("epsilon", "v_prediction"):
         raise PipelineError(f"params key 'ldm.prediction_type' must be epsilon or v_prediction, got {prediction_type}")
+    if latent_norm not in LATENT_NORMS:
+        raise PipelineError(f"params key 'ldm.latent_norm' must be one of {', '.join(LATENT_NORMS)}, got {latent_norm}")
     t0 = time.time()
     gen = seed_all(seed)
     device = pick_device()
-    scale = json.loads((latents / "scale.json").read_text())["scale_factor"]
-    z_train, y_train = load_latents(latents, "train", scale)
-    z_val, y_val = load_latents(latents, "val", scale)
+    norm = dict(zip(("latent_shift", "latent_scale"),
+                    latent_normalizer(json.loads((latents / "scale.json").read_text()), latent_norm)))
+    z_train, y_train = load_latents(latents, "train", **_norm_kwargs(norm))
+    z_val, y_val = load_latents(latents, "val", **_norm_kwargs(norm))
     args = unet_args(z_train.shape[1], channels, attention_levels, num_res_blocks, num_head_channels,
                      norm_num_groups)
     sargs = scheduler_args(num_train_timesteps, schedule, prediction_type)
@@ -130,7 +136,7 @@ def main(
             labels = drop_labels(y_train[idx], label_dropout, gen).to(device)
             loss = diffusion_loss(unet, sched, z_train[idx].to(device), labels, gen)
             if not torch.isfinite(loss):
-                _save(out, metrics, curve, ema.module, args, sargs, scale, rows, t0)
+                _save(out, metrics, curve, ema.module, args, sargs, norm, rows, t0)
                 raise PipelineError(f"loss became {loss.item()} at epoch {epoch + 1}, step {i}; lower ldm.lr or "
                                     f"raise ldm.grad_clip. The last good EMA weights were saved to {out}")
             opt.zero_grad(set_to_none=True)
@@ -147,18 +153,24 @@ def main(
         rows.append(row)
         typer.echo(f"epoch={row['epoch']} train_loss={row['train_loss']:.5f} val_loss={row['val_loss']:.5f}",
                    err=True)
-    _save(out, metrics, curve, ema.module, args, sargs, scale, rows, t0)
+    _save(out, metrics, curve, ema.module, args, sargs, norm, rows, t0)
 
 
-def _save(out: Path, metrics: Path, curve: Path, model: torch.nn.Module, args: dict, sargs: dict, scale: float,
-          rows: list[dict], t0: float) -> None:
-    last = rows[-1] if rows else {"train_loss": float("nan"), "val_loss": float("nan")}
+def _norm_kwargs(norm: dict[str, list[float]]) -> dict[str, list[float]]:
+    return {"shift": norm["latent_shift"], "scale": norm["latent_scale"]}
+
+
+def _save(out: Path, metrics: Path, curve: Path, model: torch.nn.Module, args: dict, sargs: dict,
+          norm: dict[str, list[float]], rows: list[dict], t0: float) -> None:
+    """Write the model folder (weights, U-Net and scheduler arguments, latent normalisation), curve and metrics.
+    Losses are null in the metrics when no epoch finished (JSON has no NaN)."""
+    last = rows[-1] if rows else {"train_loss": None, "val_loss": None}
     with atomic_outputs(out, metrics, curve) as (tmp_out, tmp_metrics, tmp_curve):
-        save_model(tmp_out, model, "DiffusionModelUNet", args, scheduler=sargs, scale_factor=scale,
-                   scale_factor_source="encode_latents/scale.json")
+        save_model(tmp_out, model, "DiffusionModelUNet", args, scheduler=sargs, **norm,
+                   latent_norm_source="encode_latents/scale.json")
         write_tsv(tmp_curve, rows)
-        write_json(tmp_metrics, {"train_loss": round(last["train_loss"], 6), "val_loss": round(last["val_loss"], 6),
-                                 "epochs": len(rows), "wall_time_s": round(time.time() - t0, 1)})
+        write_json(tmp_metrics, {k: None if last[k] is None else round(last[k], 6) for k in ("train_loss", "val_loss")}
+                   | {"epochs": len(rows), "wall_time_s": round(time.time() - t0, 1)})
 
 
 if __name__ == "__main__":

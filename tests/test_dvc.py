@@ -23,6 +23,21 @@ def dvc(cwd: Path, *args: str) -> subprocess.CompletedProcess:
     return proc
 
 
+def downstream(cwd: Path, stage: str) -> set[str]:
+    """``stage`` and every stage that depends, directly or not, on its outputs (from dvc.yaml)."""
+    stages = yaml.safe_load((cwd / "dvc.yaml").read_text())["stages"]
+    outs = {name: {next(iter(o)) if isinstance(o, dict) else o for o in st.get("outs", [])}
+            for name, st in stages.items()}
+    found, todo = {stage}, [stage]
+    while todo:
+        produced = outs[todo.pop()]
+        for name, st in stages.items():
+            if name not in found and produced & set(st.get("deps", [])):
+                found.add(name)
+                todo.append(name)
+    return found
+
+
 def stale_stages(cwd: Path) -> set[str]:
     status = json.loads(dvc(cwd, "status", "--json").stdout or "{}")
     return set(status)
@@ -38,6 +53,9 @@ def project(tmp_path_factory: pytest.TempPathFactory, medmnist_root: Path) -> Pa
     dvc(root, "init", "-q")
     dvc(root, "config", "core.analytics", "false")
     dvc(root, "repro")
+    git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.org"]
+    subprocess.run(git + ["add", "-A"], cwd=root, check=True)
+    subprocess.run(git + ["commit", "-q", "-m", "tiny run"], cwd=root, check=True)  # `dvc metrics diff` baseline
     return root
 
 
@@ -67,15 +85,16 @@ def test_a_param_reruns_only_its_stage_and_what_follows(project):
         assert stale_stages(project) == {"train_autoencoder"}  # dvc status lists the stage whose deps changed
         out = dvc(project, "repro").stdout
         ran = {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
-        assert ran == {"train_autoencoder", "evaluate_autoencoder", "encode_latents", "train_ldm", "sample", "fid",
-                       "sampling_speed"}
+        assert ran == downstream(project, "train_autoencoder")
+        assert {"evaluate_autoencoder", "encode_latents", "train_ldm", "sample", "fid"} <= ran
+        assert not ran & {"prepare", "fid_ref", "train_classifier"}
     finally:
         write_params(project / "params.yaml")
     dvc(project, "repro")  # back to the original params: restored from DVC's run cache
     assert stale_stages(project) == set()
 
 
-@pytest.mark.parametrize("key,value", [("guidance_scale", 4.0), ("num_inference_steps", 3),
+@pytest.mark.parametrize("key,value", [("guidance_scale", 4.0), ("num_inference_steps", 3), ("clip_denoised", 0.0),
                                        ("balanced_per_class", 2), ("sample_seed", 5)])
 def test_sampling_params_never_retrain(project, key, value):
     """`dvc exp run -S ldm.guidance_scale=4` must rerun sample and what follows, never training."""
@@ -88,6 +107,12 @@ def test_sampling_params_never_retrain(project, key, value):
             out = dvc(project, "repro").stdout
             assert "'train_ldm' didn't change" in out or "train_ldm" not in out
             ran = {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
-            assert ran == {"sample", "fid", "sampling_speed"}
+            assert ran == downstream(project, "sample") and {"sample", "fid", "sampling_speed"} <= ran
+            assert not ran & {"train_autoencoder", "encode_latents", "train_ldm", "train_classifier"}
+            diff = json.loads(dvc(project, "metrics", "diff", "--json").stdout)["metrics/fid.json"]
+            for key in ("fid_inception_vs_train_n24", "kid_inception_vs_train_n24_mean",
+                        "precision_k3_inception_vs_train_n24", "coverage_k3_inception_vs_test_n24",
+                        "fid_domain_vs_test_n24", "label_fidelity_accuracy"):
+                assert set(diff[key]) >= {"old", "new"}, key  # side by side: before and after the change
     finally:
         write_params(project / "params.yaml")

@@ -70,6 +70,8 @@ def test_encode_latents_scale_factor_is_computed(pipeline_run):
     assert latents.shape == (24, 2, 16, 16) and labels.shape == (24,)
     assert abs(scale["scale_factor"] - 1.0 / latents.std(ddof=1)) < 1e-4 * scale["scale_factor"]
     assert abs((latents * scale["scale_factor"]).std(ddof=1) - 1.0) < 1e-4
+    np.testing.assert_allclose(scale["channel_mean"], latents.mean(axis=(0, 2, 3)), atol=1e-5)
+    np.testing.assert_allclose(scale["channel_std"], latents.std(axis=(0, 2, 3), ddof=1), rtol=1e-4)
     # the stored latents are the autoencoder's posterior means of the prepared images
     ae, _ = load_model(pipeline_run / "models/autoencoder", REGISTRY)
     x, _ = load_prepared(pipeline_run / "data/prepared", "train")

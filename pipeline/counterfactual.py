@@ -1,0 +1,205 @@
+"""Stage ``counterfactual``: edit real test X-rays to the other clinical status; measure what changed and what not.
+
+For ``n_per_class`` real test images of each class (a seeded subset), each image is edited to the other class
+(:mod:`pipeline.editing`: autoencoder, DDIM inversion or SDEdit to the edit strength, guided denoising under the
+target label, decoding). Per direction (``n2p`` normal → pneumonia, ``p2n`` pneumonia → normal):
+
+- effectiveness: the evaluator's flip rate, the share of edits it calls the target class (at its val threshold);
+- identity: SSIM, PSNR and L1 between edit and source;
+- reversibility: SSIM between the source and the edit edited back to the source label;
+- composition: SSIM between the source and a null edit (target = source label);
+- the same for two baselines at the ends of the trade-off: ``identity`` (strength 0: encode and decode only, what
+  every edit pays for the autoencoder) and ``regenerate`` (a fresh sample of the target class from image i's seed,
+  which forgets the source);
+- a sweep of the strength: flip rate and SSIM per strength, to choose an operating point.
+
+Reads the ``counterfactual`` section of params.yaml.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import typer
+
+from pipeline.artifacts import atomic_outputs, save_npz, write_json, write_tsv
+from pipeline.charts import save_panels
+from pipeline.classifier import Evaluator, load_classifier
+from pipeline.cli import PipelineError, params_option, run_stage
+from pipeline.data import CLASSES
+from pipeline.diffmaps import save_edit_rows
+from pipeline.editing import (EditSettings, GuidanceReference, InversionLabel, Method, edit_images, flips_to,
+                              similarity)
+from pipeline.fid_ref import real_uint8
+from pipeline.models import pick_device
+from pipeline.sample import Sampler
+
+SECTION = "counterfactual"  # the params.yaml section this stage reads
+app = typer.Typer(add_completion=False, help=__doc__)
+
+DIRECTIONS = {"n2p": (0, 1), "p2n": (1, 0)}
+"""Direction key -> (source label, target label)."""
+ARROWS = {"n2p": "normal→pneumonia", "p2n": "pneumonia→normal"}
+
+
+def select_sources(labels: np.ndarray, n_per_class: int | None, seed: int) -> np.ndarray:
+    """Indices of ``n_per_class`` images of each class (all when None), a seeded subset, normals first.
+
+    Raises:
+        PipelineError: a class has fewer images than asked for.
+    """
+    rng = np.random.default_rng(seed)
+    out = []
+    for k, name in enumerate(CLASSES):
+        idx = np.flatnonzero(labels == k)
+        if n_per_class is not None and n_per_class > len(idx):
+            raise PipelineError(f"counterfactual.n_per_class is {n_per_class}, but the test split has only "
+                                f"{len(idx)} {name} images; lower it, or set it to null for all of them")
+        out.append(np.sort(rng.choice(idx, n_per_class, replace=False)) if n_per_class is not None else idx)
+    return np.concatenate(out)
+
+
+def edit_scores(sources: np.ndarray, edits: np.ndarray, target: np.ndarray,
+                evaluator: Evaluator) -> dict[str, float]:
+    """Flip rate to ``target`` and mean SSIM / PSNR / L1 of ``edits`` against ``sources`` (one direction)."""
+    sim = similarity(edits, sources)
+    flips = flips_to(evaluator.predict_proba(edits), evaluator.threshold, target)
+    return {"flip_rate": float(flips.mean()), **{k: float(v.mean()) for k, v in sim.items()}}
+
+
+def direction_scores(sources: np.ndarray, source_labels: np.ndarray, edits: np.ndarray, backs: np.ndarray,
+                     nulls: np.ndarray, evaluator: Evaluator) -> dict[str, float]:
+    """``<dir>_{n, flip_rate, ssim, psnr_db, l1, reversibility_ssim, composition_ssim}`` for both directions."""
+    out: dict[str, float] = {}
+    for d, (src, tgt) in DIRECTIONS.items():
+        m = source_labels == src
+        scores = edit_scores(sources[m], edits[m], np.full(m.sum(), tgt), evaluator)
+        scores["reversibility_ssim"] = float(similarity(backs[m], sources[m])["ssim"].mean())
+        scores["composition_ssim"] = float(similarity(nulls[m], sources[m])["ssim"].mean())
+        out.update({f"{d}_n": int(m.sum()), **{f"{d}_{k}": round(v, 5) for k, v in scores.items()}})
+    return out
+
+
+def sweep_scores(sources: np.ndarray, source_labels: np.ndarray, edits_at: dict[float, np.ndarray],
+                 evaluator: Evaluator) -> tuple[dict[str, float], list[dict[str, float]]]:
+    """Metrics ``sweep_t<s>_<dir>_<measure>`` and TSV rows (strength, flip and SSIM per direction) of the sweep."""
+    keys, rows = {}, []
+    for s, edits in edits_at.items():
+        row: dict[str, float] = {"strength": s}
+        for d, (src, tgt) in DIRECTIONS.items():
+            m = source_labels == src
+            scores = edit_scores(sources[m], edits[m], np.full(m.sum(), tgt), evaluator)
+            keys.update({f"sweep_t{s:g}_{d}_{k}": round(v, 5) for k, v in scores.items()})
+            row.update({f"flip_{d}": round(scores["flip_rate"], 5), f"ssim_{d}": round(scores["ssim"], 5)})
+        rows.append(row)
+    return keys, rows
+
+
+def panel_rows(source_labels: np.ndarray, test_index: np.ndarray, p_source: np.ndarray, p_edit: np.ndarray,
+               n: int) -> tuple[np.ndarray, list[str]]:
+    """The first ``n`` images of each direction, and their row labels (direction, test index, P(pneumonia))."""
+    idx, labels = [], []
+    for d, (src, _) in DIRECTIONS.items():
+        for i in np.flatnonzero(source_labels == src)[:n]:
+            idx.append(i)
+            labels.append(f"{ARROWS[d]}\ntest #{test_index[i]}\nP(pn) {p_source[i]:.2f}→{p_edit[i]:.2f}")
+    return np.asarray(idx, dtype=np.int64), labels
+
+
+def save_sweep_figure(path: Path, rows: list[dict[str, float]], title: str) -> None:
+    """Flip rate and SSIM against the strength, one line per direction."""
+    panels = {name: {ARROWS[d]: [r[f"{col}_{d}"] for r in rows] for d in DIRECTIONS}
+              for name, col in (("flip rate to the target class (evaluator)", "flip"), ("SSIM edit vs source", "ssim"))}
+    save_panels(path, [r["strength"] for r in rows], panels, "edit strength t0 (fraction of the schedule)", title)
+
+
+@app.command()
+def main(
+    data: Path = typer.Option(..., help="Prepared data folder (real test images to edit)."),
+    ldm: Path = typer.Option(..., help="Diffusion model folder (output of train_ldm)."),
+    autoencoder: Path = typer.Option(..., help="Autoencoder model folder."),
+    classifier: Path = typer.Option(..., help="Evaluator model folder (output of train_classifier)."),
+    out: Path = typer.Option(..., help="Output npz: sources, edits, edits back, null edits, labels, test indices."),
+    metrics: Path = typer.Option(..., help="Output metrics JSON (per direction, baselines, sweep)."),
+    curve: Path = typer.Option(..., help="Output TSV, one row per sweep strength, for dvc plots."),
+    figure: Path = typer.Option(..., help="Output PNG: flip rate and SSIM against the strength."),
+    panels: Path = typer.Option(..., help="Output PNG: source | edit | signed difference | edit back, per image."),
+    params: Path = params_option(),
+    n_per_class: Optional[int] = typer.Option(100, min=1, help="Real test images edited per class (a seeded "
+                                              "subset); null edits all of them."),
+    strength: float = typer.Option(0.5, min=0.0, max=1.0, help="Edit strength t0: the fraction of the diffusion "
+                                   "schedule the edit goes up (0 = autoencoder round trip, 1 = from noise)."),
+    method: Method = typer.Option(Method.ddim_inversion, help="ddim_inversion (deterministic, keeps the image) or "
+                                  "sdedit (fresh noise to t0, then denoise)."),
+    inversion_label: InversionLabel = typer.Option(InversionLabel.source, help="Label the DDIM inversion is "
+                                                   "conditioned on: source, or unconditional (the null class)."),
+    guidance_scale: float = typer.Option(3.0, min=0.0, help="Classifier-free guidance towards the target label."),
+    num_inference_steps: int = typer.Option(50, min=1, help="DDIM steps of a full schedule; an edit of strength "
+                                            "t0 runs about t0 x this many steps up and as many down."),
+    guidance_reference: GuidanceReference = typer.Option(
+        GuidanceReference.unconditional, help="What guidance extrapolates from: unconditional (usual classifier-free "
+        "guidance) or source (only what differs between the source and target predictions is amplified)."),
+    clip_denoised: float = typer.Option(2.5, min=0.0, help="Clamp the predicted clean latent to ±this while "
+                                        "denoising (0 = off; the inversion never clamps; as ldm.clip_denoised)."),
+    sweep_strengths: list[float] = typer.Option([0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8], help="Strengths of the "
+                                                "sweep (flip rate and SSIM per strength)."),
+    seed: int = typer.Option(0, help="Seeds the choice of test images; image i uses seed + i for noise (SDEdit, "
+                             "the regenerate baseline)."),
+    n_panels: int = typer.Option(6, min=1, help="Images per direction shown in the panels PNG."),
+    batch_size: int = typer.Option(128, min=1, help="Images per batch (no effect on the edits)."),
+) -> None:
+    """Edit real test images to the other class; write pairs, metrics, a strength sweep and panels."""
+    t0 = time.time()
+    if any(not 0.0 <= s <= 1.0 for s in sweep_strengths):
+        raise PipelineError(f"counterfactual.sweep_strengths must lie in [0, 1], got {sweep_strengths}")
+    images, labels = real_uint8(data, "test")
+    test_index = select_sources(labels, n_per_class, seed)
+    sources, src = images[test_index], labels[test_index]
+    tgt = 1 - src
+    seeds = [seed + i for i in range(len(sources))]
+    sampler = Sampler(ldm, autoencoder, num_inference_steps, pick_device(), clip_denoised)
+    evaluator = load_classifier(classifier)
+    settings = EditSettings(strength, method, inversion_label, guidance_scale, guidance_reference)
+
+    def edit(x: np.ndarray, a: np.ndarray, b: np.ndarray, s: float, desc: str) -> np.ndarray:
+        return edit_images(sampler, x, a, b, replace(settings, strength=s), seeds, batch_size, desc)
+
+    edits_at = {s: edit(sources, src, tgt, s, f"edit t0={s:g}") for s in sorted(set(sweep_strengths) | {strength})}
+    edits = edits_at[strength]
+    backs = edit(edits, tgt, src, strength, "edit back")
+    nulls = edit(sources, src, src, strength, "null edit")
+    result = direction_scores(sources, src, edits, backs, nulls, evaluator)
+
+    recon = edit(sources, src, tgt, 0.0, "identity baseline")
+    recon_back = edit(recon, tgt, src, 0.0, "identity baseline back")
+    result.update({f"baseline_identity_{k}": v for k, v in
+                   direction_scores(sources, src, recon, recon_back, recon, evaluator).items()})
+    regen = sampler.generate(tgt, seeds, guidance_scale, batch_size, desc="regenerate baseline")
+    regen_src = sampler.generate(src, seeds, guidance_scale, batch_size, desc="regenerate baseline, source")
+    result.update({f"baseline_regenerate_{k}": v for k, v in
+                   direction_scores(sources, src, regen, regen_src, regen_src, evaluator).items()})
+
+    sweep_keys, rows = sweep_scores(sources, src, {s: edits_at[s] for s in sorted(set(sweep_strengths))}, evaluator)
+    result.update(sweep_keys)
+    result["wall_time_s"] = round(time.time() - t0, 1)
+    p_source, p_edit = evaluator.predict_proba(sources), evaluator.predict_proba(edits)
+    with atomic_outputs(out, metrics, curve, figure, panels) as (tmp_out, tmp_metrics, tmp_curve, tmp_fig, tmp_pan):
+        save_npz(tmp_out, sources=sources, edits=edits, reversed=backs, null_edits=nulls, source_labels=src,
+                 target_labels=tgt, test_index=test_index, seeds=np.asarray(seeds), p_source=p_source, p_edit=p_edit)
+        write_json(tmp_metrics, result)
+        write_tsv(tmp_curve, rows)
+        save_sweep_figure(tmp_fig, rows, f"counterfactual edits: {method.value}, inversion label "
+                          f"{inversion_label.value}, guidance {guidance_scale:g}, {num_inference_steps} DDIM steps")
+        idx, row_labels = panel_rows(src, test_index, p_source, p_edit, n_panels)
+        save_edit_rows(tmp_pan, sources[idx], edits[idx], row_labels,
+                       f"counterfactual edits, t0 {strength:g}, {method.value}, guidance {guidance_scale:g}",
+                       backs=backs[idx])
+    typer.echo(" ".join(f"{k}={result[k]}" for k in result if not k.startswith(("sweep", "baseline"))), err=True)
+
+
+if __name__ == "__main__":
+    run_stage(app, SECTION)

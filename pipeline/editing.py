@@ -1,0 +1,247 @@
+"""Counterfactual editing with the conditional LDM: change a real image's clinical status and keep its anatomy.
+
+An edit encodes a real image with the autoencoder, takes its latent part of the way up the diffusion process, then
+denoises it back under the *target* label with classifier-free guidance, decodes and crops it. Two ways up:
+
+- ``ddim_inversion``: the deterministic DDIM ODE run backwards (Song et al., "Denoising Diffusion Implicit Models",
+  ICLR 2021, Sec. 4.3; Dhariwal & Nichol, NeurIPS 2021, App. F), guidance 1 under the source label (or the null
+  label). Denoising the inverted latent under the *same* label gives the source back (up to the discretisation), so
+  what changes is what the label changes.
+- ``sdedit``: Gaussian noise added in one jump (Meng et al., "SDEdit", ICLR 2022); the noise is fresh, so the image
+  keeps only its coarse layout.
+
+The strength ``s`` in [0, 1] is the fraction of the schedule the edit goes up: 0 only encodes and decodes the image
+(the autoencoder's reconstruction), 1 starts from (almost) pure noise.
+
+Timesteps: MONAI's ``DDIMScheduler.step`` and ``reversed_step`` move by the stride ``T // n`` (``T`` training steps,
+``n = num_inference_steps``), whereas ``set_timesteps`` spreads ``n`` timesteps by ``linspace(T - 1, 0, n)``, whose
+spacing is not that stride. An edit therefore uses its own grid of multiples of the stride, ``t_j = j · stride`` for
+``j = 0..k`` with ``k = round(s · n)`` (at most ``(T - 1) // stride``), where one ``reversed_step`` at ``t_j`` lands
+exactly on ``t_{j+1}`` and one ``step`` at ``t_{j+1}`` lands exactly on ``t_j``. The inversion evaluates the U-Net at
+``t_0 .. t_{k-1}`` and ends at ``t_k``; the denoising starts there, evaluates it at ``t_k .. t_1`` and ends at
+``t_0 = 0``, where the clean latent started.
+
+Clamping: when the sampler clamps the predicted clean latent (``clip_denoised``, see :mod:`pipeline.diffusion`), only
+the denoising clamps; the inversion never does, since clamping would change a real latent before any edit.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from enum import Enum
+
+import numpy as np
+import torch
+from monai.networks.schedulers import DDIMScheduler
+from torchmetrics.functional.image import structural_similarity_index_measure
+from tqdm import tqdm
+
+from pipeline.cli import PipelineError
+from pipeline.diffusion import NULL_CLASS
+from pipeline.sample import Sampler
+
+__all__ = ["Method", "InversionLabel", "GuidanceReference", "EditSettings", "edit_timesteps", "invert",
+           "contrast_output", "denoise_from", "noise_to", "edit_latents", "unclamped", "model_input", "edit_images",
+           "similarity", "flips_to"]
+
+PSNR_CAP_DB = 100.0
+"""PSNR of identical images is infinite; JSON metrics must be finite, so per-image PSNR is capped here."""
+
+
+class Method(str, Enum):
+    """How an edit goes up the diffusion process."""
+
+    ddim_inversion = "ddim_inversion"
+    sdedit = "sdedit"
+
+
+class InversionLabel(str, Enum):
+    """The label the DDIM inversion is conditioned on: the source label, or the null class ("unconditional"; not
+    called ``null``, which YAML reads as None)."""
+
+    source = "source"
+    unconditional = "unconditional"
+
+
+class GuidanceReference(str, Enum):
+    """What classifier-free guidance extrapolates from: the null class ("unconditional", the usual CFG) or the source
+    label."""
+
+    unconditional = "unconditional"
+    source = "source"
+
+
+@dataclass(frozen=True)
+class EditSettings:
+    """How to edit.
+
+    Args:
+        strength: fraction of the schedule the edit goes up, in [0, 1].
+        method: DDIM inversion or SDEdit.
+        inversion_label: condition the inversion on the source label or on the null class (DDIM inversion only).
+        guidance_scale: classifier-free guidance of the denoising towards the target label (1 = none).
+        guidance_reference: the prediction guidance extrapolates from: ``unconditional``
+            (``ε_∅ + w (ε_target − ε_∅)``, Ho & Salimans 2022) or ``source`` (``ε_source + w (ε_target − ε_source)``:
+            only what differs between the two labels' predictions is amplified, and a null edit, target = source, is
+            the plain inversion round trip).
+    """
+
+    strength: float
+    method: Method = Method.ddim_inversion
+    inversion_label: InversionLabel = InversionLabel.source
+    guidance_scale: float = 3.0
+    guidance_reference: GuidanceReference = GuidanceReference.unconditional
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.strength <= 1.0:
+            raise PipelineError(f"edit strength must be in [0, 1], got {self.strength}")
+
+
+def edit_timesteps(scheduler: DDIMScheduler, strength: float) -> list[int]:
+    """The grid ``t_0 = 0 < t_1 < … < t_k`` of an edit of ``strength`` (see the module docstring).
+
+    Args:
+        scheduler: a DDIM scheduler after ``set_timesteps(n)``.
+        strength: fraction of the schedule, in [0, 1]; 0 gives ``[0]`` (no diffusion step).
+    """
+    n, big_t = scheduler.num_inference_steps, scheduler.num_train_timesteps
+    stride = big_t // n
+    k = min(int(np.floor(strength * n + 0.5)), (big_t - 1) // stride)  # round half up
+    return [j * stride for j in range(k + 1)]
+
+
+def unclamped(scheduler: DDIMScheduler) -> DDIMScheduler:
+    """The same scheduler without clamping of the predicted clean latent (a shallow copy when it clamps)."""
+    if not scheduler.clip_sample:
+        return scheduler
+    out = copy.copy(scheduler)
+    out.clip_sample = False
+    return out
+
+
+def _t(t: int, z: torch.Tensor) -> torch.Tensor:
+    return torch.full((len(z),), t, dtype=torch.long, device=z.device)
+
+
+@torch.inference_mode()
+def invert(unet: torch.nn.Module, scheduler: DDIMScheduler, z: torch.Tensor, labels: torch.Tensor,
+           timesteps: list[int]) -> torch.Tensor:
+    """DDIM inversion: clean latents at ``timesteps[0]`` -> latents at ``timesteps[-1]`` (guidance 1).
+
+    Args:
+        unet: the class-conditional diffusion U-Net.
+        scheduler: its DDIM scheduler; ``timesteps`` must be multiples of its stride (:func:`edit_timesteps`).
+        z: normalised latents N×C×h×w.
+        labels: conditioning of each latent (0, 1 or :data:`~pipeline.diffusion.NULL_CLASS`).
+        timesteps: the edit's grid, increasing.
+    """
+    for t in timesteps[:-1]:
+        z, _ = scheduler.reversed_step(unet(z, timesteps=_t(t, z), class_labels=labels), t, z)
+    return z
+
+
+def contrast_output(unet: torch.nn.Module, z: torch.Tensor, t: torch.Tensor, labels: torch.Tensor,
+                    reference: torch.Tensor, guidance_scale: float) -> torch.Tensor:
+    """Guided prediction ``ref + w (cond − ref)``, ``ref`` the prediction under ``reference`` labels; with the null
+    class as reference this is :func:`pipeline.diffusion.guided_output`. A scale of 1 is one conditional pass."""
+    if guidance_scale == 1.0:
+        return unet(z, timesteps=t, class_labels=labels)
+    out = unet(torch.cat([z, z]), timesteps=torch.cat([t, t]), class_labels=torch.cat([labels, reference]))
+    cond, ref = out.chunk(2)
+    return ref + guidance_scale * (cond - ref)
+
+
+@torch.inference_mode()
+def denoise_from(unet: torch.nn.Module, scheduler: DDIMScheduler, z: torch.Tensor, labels: torch.Tensor,
+                 guidance_scale: float, timesteps: list[int], reference: torch.Tensor | None = None) -> torch.Tensor:
+    """Deterministic DDIM (eta 0) from latents at ``timesteps[-1]`` down to ``timesteps[0]``, with guidance.
+
+    Args:
+        unet: the class-conditional diffusion U-Net.
+        scheduler: its DDIM scheduler; ``timesteps`` must be multiples of its stride (:func:`edit_timesteps`).
+        z: noisy latents at ``timesteps[-1]``.
+        labels: target labels (0 normal, 1 pneumonia).
+        guidance_scale: classifier-free guidance scale (1 = plain conditional prediction).
+        timesteps: the edit's grid, increasing.
+        reference: labels guidance extrapolates from (:func:`contrast_output`); None = the null class.
+    """
+    reference = torch.full_like(labels, NULL_CLASS) if reference is None else reference.to(labels.device)
+    for t in reversed(timesteps[1:]):
+        z, _ = scheduler.step(contrast_output(unet, z, _t(t, z), labels, reference, guidance_scale), t, z)
+    return z
+
+
+def noise_to(scheduler: DDIMScheduler, z: torch.Tensor, noise: torch.Tensor, t: int) -> torch.Tensor:
+    """The forward process in one jump (SDEdit): ``sqrt(ᾱ_t) z + sqrt(1 - ᾱ_t) ε``; ``t = 0`` leaves ``z`` as is."""
+    if t == 0:
+        return z
+    a = scheduler.alphas_cumprod[t].to(z.device, z.dtype)
+    return a.sqrt() * z + (1 - a).sqrt() * noise.to(z.device, z.dtype)
+
+
+def edit_latents(sampler: Sampler, z: torch.Tensor, source: torch.Tensor, target: torch.Tensor,
+                 settings: EditSettings, seeds: list[int]) -> torch.Tensor:
+    """Edit clean normalised latents from their ``source`` labels to ``target`` labels.
+
+    Args:
+        sampler: the trained models and the DDIM scheduler (``num_inference_steps`` sets the stride).
+        z: clean normalised latents N×C×h×w (:meth:`Sampler.encode`).
+        source: labels of the images the latents come from.
+        target: labels to edit them to.
+        settings: strength, method, inversion label and guidance.
+        seeds: one per latent, for the SDEdit noise (unused by DDIM inversion).
+
+    Returns:
+        Edited clean latents; strength 0 returns ``z`` itself.
+    """
+    ts = edit_timesteps(sampler.scheduler, settings.strength)
+    source, target = source.to(z.device), target.to(z.device)
+    if settings.method == Method.sdedit:
+        z = noise_to(sampler.scheduler, z, sampler.initial_noise(seeds), ts[-1])
+    else:
+        unconditional = settings.inversion_label == InversionLabel.unconditional
+        cond = torch.full_like(source, NULL_CLASS) if unconditional else source
+        z = invert(sampler.unet, unclamped(sampler.scheduler), z, cond, ts)
+    reference = source if settings.guidance_reference == GuidanceReference.source else None
+    return denoise_from(sampler.unet, sampler.scheduler, z, target, settings.guidance_scale, ts, reference)
+
+
+def model_input(images: np.ndarray, pad: list[int] | tuple[int, int]) -> torch.Tensor:
+    """uint8 N×H×W images at the data size -> float N×1×P×P in [0, 1], reflect-padded by ``pad`` = (before, after)
+    on both axes, as :func:`pipeline.data.pad_images` pads the prepared data."""
+    before, after = pad
+    padded = np.pad(images, ((0, 0), (before, after), (before, after)), mode="reflect")
+    return torch.from_numpy(padded[:, None]).float().div_(255.0)
+
+
+def edit_images(sampler: Sampler, images: np.ndarray, source: np.ndarray, target: np.ndarray,
+                settings: EditSettings, seeds: list[int], batch_size: int, desc: str = "editing") -> np.ndarray:
+    """Edit uint8 images N×H×W (data size, unpadded) from ``source`` to ``target`` labels; uint8 N×H×W out.
+
+    Image i's edit depends only on the image, its labels, ``seeds[i]`` and the settings, not on the batch size.
+    """
+    out = []
+    for i in tqdm(range(0, len(images), batch_size), desc=desc, unit="batch", leave=False):
+        sl = slice(i, i + batch_size)
+        z = sampler.encode(model_input(images[sl], sampler.pad))
+        z = edit_latents(sampler, z, torch.from_numpy(source[sl]).long(), torch.from_numpy(target[sl]).long(),
+                         settings, seeds[sl])
+        out.append(sampler.decode(z))
+    return np.concatenate(out) if out else np.zeros((0, *images.shape[1:]), np.uint8)
+
+
+def similarity(a: np.ndarray, b: np.ndarray) -> dict[str, np.ndarray]:
+    """Per-image SSIM (11×11 Gaussian window, σ 1.5), PSNR (dB, capped at :data:`PSNR_CAP_DB`) and L1 (mean absolute
+    difference) of two uint8 N×H×W image sets, in [0, 1] units (Wang et al., IEEE TIP 2004)."""
+    x = torch.from_numpy(a).double().div(255.0)[:, None]
+    y = torch.from_numpy(b).double().div(255.0)[:, None]
+    ssim = structural_similarity_index_measure(x, y, data_range=1.0, reduction="none")
+    mse = (x - y).pow(2).flatten(1).mean(1)
+    psnr = (10 * torch.log10(1.0 / mse.clamp_min(10 ** (-PSNR_CAP_DB / 10))))
+    return {"ssim": ssim.numpy(), "psnr_db": psnr.numpy(), "l1": (x - y).abs().flatten(1).mean(1).numpy()}
+
+
+def flips_to(prob: np.ndarray, threshold: float, target: np.ndarray) -> np.ndarray:
+    """Whether the evaluator's call (pneumonia when ``prob >= threshold``) equals the target label, per image."""
+    return (prob >= threshold).astype(np.int64) == target

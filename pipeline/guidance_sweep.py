@@ -1,0 +1,104 @@
+"""Stage ``guidance_sweep``: sample quality and label fidelity against the classifier-free guidance scale.
+
+For each scale, the same label-matched subset of the cohort (image i from seed ``seed + i``, train class proportions)
+is sampled with the trained model and scored by Inception FID and KID against the whole train split, and by the
+evaluator's label fidelity (accuracy at its val threshold, AUC) against the requested labels. Low guidance keeps
+diversity but blurs the classes; high guidance sharpens the classes and loses diversity. The whole-cohort figure at
+one scale is what ``dvc exp run -S ldm.guidance_scale=W`` and the ``fid`` stage give; this stage trades N for a view
+of the whole curve in one run. Reads the ``guidance_sweep`` section of params.yaml.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import typer
+
+from pipeline.artifacts import atomic_outputs, write_json, write_tsv
+from pipeline.charts import save_panels
+from pipeline.classifier import binary_metrics, load_classifier
+from pipeline.cli import params_option, run_stage
+from pipeline.data import CLASSES
+from pipeline.fid import fid_from_features, inception_features
+from pipeline.models import pick_device
+from pipeline.plots import save_rows
+from pipeline.quality import kid
+from pipeline.sample import Sampler
+
+SECTION = "guidance_sweep"  # the params.yaml section this stage reads
+app = typer.Typer(add_completion=False, help=__doc__)
+
+
+def stratified_labels(train_labels: np.ndarray, n: int) -> np.ndarray:
+    """``n`` labels in the class proportions of the train split (normals first)."""
+    counts = np.bincount(train_labels, minlength=len(CLASSES))
+    per_class = np.floor(counts / counts.sum() * n).astype(int)
+    per_class[-1] += n - per_class.sum()
+    return np.repeat(np.arange(len(CLASSES)), per_class)
+
+
+def score(images: np.ndarray, labels: np.ndarray, ref: np.ndarray, evaluator, batch_size: int,
+          seed: int) -> dict[str, float]:
+    """FID and KID against ``ref`` Inception features, and label fidelity, of one sampled set."""
+    feats = inception_features(images, batch_size, desc="inception")
+    fidelity = binary_metrics(evaluator.predict_proba(images), labels, evaluator.threshold)
+    kid_mean, _ = kid(feats, ref, 1000, 50, seed)
+    return {"fid": fid_from_features(feats, ref), "kid": kid_mean,
+            "label_fidelity_accuracy": fidelity["accuracy"], "label_fidelity_auc": fidelity["auc"]}
+
+
+@app.command()
+def main(
+    ldm: Path = typer.Option(..., help="Diffusion model folder."),
+    autoencoder: Path = typer.Option(..., help="Autoencoder model folder."),
+    fid_ref: Path = typer.Option(..., help="Real-image Inception features (output of fid_ref)."),
+    classifier: Path = typer.Option(..., help="Evaluator model folder (output of train_classifier)."),
+    metrics: Path = typer.Option(..., help="Output metrics JSON (one key per measure and scale)."),
+    curve: Path = typer.Option(..., help="Output TSV, one row per scale, for dvc plots."),
+    figure: Path = typer.Option(..., help="Output PNG: FID, KID and label fidelity against the scale."),
+    grid: Path = typer.Option(..., help="Output PNG: the same seeds at every scale."),
+    params: Path = params_option(),
+    scales: list[float] = typer.Option([1.0, 2.0, 3.0, 4.0, 6.0], help="Guidance scales to try."),
+    n_images: int = typer.Option(1000, min=2, help="Images per scale (train class proportions)."),
+    num_inference_steps: int = typer.Option(25, min=1, help="DDIM steps (keep equal to ldm.num_inference_steps)."),
+    clip_denoised: float = typer.Option(2.5, min=0.0, help="Clamp of the predicted clean latent (keep equal to "
+                                        "ldm.clip_denoised; 0 = off)."),
+    seed: int = typer.Option(0, help="Image i uses seed seed + i at every scale; also seeds the KID subsets."),
+    batch_size: int = typer.Option(250, min=1, help="Images per sampling batch (no effect on the images)."),
+) -> None:
+    """Sample the same seeds at each guidance scale; write FID, KID and label fidelity per scale, a plot and a grid."""
+    t0 = time.time()
+    with np.load(fid_ref / "train.npz") as z:
+        ref, ref_labels = z["features"], z["labels"]
+    labels = stratified_labels(ref_labels, n_images)
+    seeds = [seed + i for i in range(n_images)]
+    sampler = Sampler(ldm, autoencoder, num_inference_steps, pick_device(), clip_denoised)
+    evaluator = load_classifier(classifier)
+    rows, grids, out = [], [], {}
+    show = np.concatenate([np.flatnonzero(labels == k)[:6] for k in range(len(CLASSES))])
+    for w in scales:
+        images = sampler.generate(labels, seeds, w, batch_size, desc=f"guidance {w}")
+        s = score(images, labels, ref, evaluator, 50, seed)
+        rows.append({"guidance_scale": w, **{k: round(v, 5) for k, v in s.items()}})
+        out.update({f"{k}_vs_train_n{len(ref)}_sampled_n{n_images}_w{w:g}" if k in ("fid", "kid") else f"{k}_w{w:g}":
+                    round(v, 5) for k, v in s.items()})
+        grids.append((f"w={w:g}", images[show]))
+        typer.echo(f"guidance {w}: " + " ".join(f"{k}={v:.4f}" for k, v in s.items()), err=True)
+    out["wall_time_s"] = round(time.time() - t0, 1)
+    with atomic_outputs(metrics, curve, figure, grid) as (tmp_metrics, tmp_curve, tmp_figure, tmp_grid):
+        write_json(tmp_metrics, out)
+        write_tsv(tmp_curve, rows)
+        x = [r["guidance_scale"] for r in rows]
+        save_panels(tmp_figure, x, {
+            f"Inception FID vs train (N {n_images} vs {len(ref)})": {"FID": [r["fid"] for r in rows]},
+            "KID vs train": {"KID": [r["kid"] for r in rows]},
+            "label fidelity (evaluator)": {"accuracy": [r["label_fidelity_accuracy"] for r in rows],
+                                           "AUC": [r["label_fidelity_auc"] for r in rows]}},
+            "guidance scale w", f"classifier-free guidance sweep, {num_inference_steps} DDIM steps")
+        save_rows(tmp_grid, grids, "same seeds at each guidance scale (6 normal, then 6 pneumonia)")
+
+
+if __name__ == "__main__":
+    run_stage(app, SECTION)

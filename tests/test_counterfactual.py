@@ -1,0 +1,337 @@
+"""Counterfactual editing: the DDIM inversion grid, round trips on the tiny trained model, the ``counterfactual`` stage
+on the tiny profile, and the ``pipeline.edit`` user command on PNG and DICOM files."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pydicom
+import pytest
+import torch
+from monai.networks.nets import DiffusionModelUNet
+from monai.networks.schedulers import DDIMScheduler
+from PIL import Image
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+from typer.testing import CliRunner
+
+from pipeline import edit as edit_cmd
+from pipeline.cli import PipelineError
+from pipeline.counterfactual import DIRECTIONS, select_sources
+from pipeline.data import load_prepared
+from pipeline.diffusion import NULL_CLASS, clip_denoised_latents, guided_output, unet_args
+from pipeline.edit_io import read_image
+from pipeline.editing import (EditSettings, InversionLabel, Method, contrast_output, denoise_from, edit_images,
+                              edit_latents, edit_timesteps, invert, model_input, similarity, unclamped)
+from pipeline.fid_ref import real_uint8
+from pipeline.sample import Sampler
+
+MEASURES = ("flip_rate", "ssim", "psnr_db", "l1", "reversibility_ssim", "composition_ssim")
+
+
+def ddim(n: int, big_t: int = 1000, prediction_type: str = "epsilon") -> DDIMScheduler:
+    sched = DDIMScheduler(num_train_timesteps=big_t, schedule="scaled_linear_beta", beta_start=0.0015,
+                          beta_end=0.0195, clip_sample=False, prediction_type=prediction_type)
+    sched.set_timesteps(n)
+    return sched
+
+
+class ConstantEps(torch.nn.Module):
+    """A stand-in U-Net predicting the same noise everywhere; records the timesteps it is called at."""
+
+    def __init__(self, eps: torch.Tensor) -> None:
+        super().__init__()
+        self.eps, self.calls = eps, []
+
+    def forward(self, z, timesteps, class_labels):
+        self.calls.append(int(timesteps[0]))
+        return self.eps.expand_as(z)
+
+
+@pytest.mark.parametrize("n, big_t, strength, expected", [
+    (50, 1000, 0.5, list(range(0, 501, 20))),
+    (50, 1000, 0.2, list(range(0, 201, 20))),
+    (25, 1000, 0.5, list(range(0, 521, 40))),   # 12.5 steps round half up to 13
+    (5, 100, 1.0, [0, 20, 40, 60, 80]),         # capped below T
+    (50, 1000, 0.0, [0]),
+])
+def test_edit_timesteps_are_multiples_of_the_scheduler_stride(n, big_t, strength, expected):
+    assert edit_timesteps(ddim(n, big_t), strength) == expected
+
+
+def test_inversion_ends_where_denoising_starts_and_round_trips_exactly():
+    # With a prediction that does not depend on z or t, one DDIM step is exactly undone by one reversed step on the
+    # same pair of timesteps: any off-by-one between the two loops breaks the equality.
+    sched = ddim(50)
+    z = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    unet = ConstantEps(torch.randn(1, 3, 4, 4, generator=torch.Generator().manual_seed(1)))
+    ts = edit_timesteps(sched, 0.5)
+    labels = torch.tensor([0, 1])
+    zt = invert(unet, sched, z, labels, ts)
+    assert unet.calls == ts[:-1]
+    unet.calls.clear()
+    back = denoise_from(unet, sched, zt, labels, 1.0, ts)
+    assert unet.calls == ts[:0:-1]
+    assert unet.calls[0] == ts[-1]
+    assert torch.allclose(back, z, atol=1e-4)
+    assert (zt - z).abs().mean() > 0.1  # it did go somewhere
+
+
+def test_contrast_guidance_from_the_null_class_is_classifier_free_guidance():
+    torch.manual_seed(0)
+    unet = DiffusionModelUNet(**unet_args(2, [8, 16], [False, True], 1, 8, 8)).eval()
+    with torch.no_grad():
+        for p in unet.parameters():  # MONAI zero-initialises output layers
+            if p.abs().sum() == 0:
+                p.normal_(0, 0.05)
+        z, t, y = torch.randn(3, 2, 16, 16), torch.full((3,), 40), torch.tensor([0, 1, 1])
+        null = torch.full_like(y, NULL_CLASS)
+        assert torch.allclose(contrast_output(unet, z, t, y, null, 3.0), guided_output(unet, z, t, y, 3.0), atol=1e-5)
+        # from the source label, a null edit (target = source) is the plain conditional prediction at any scale
+        assert torch.allclose(contrast_output(unet, z, t, y, y, 5.0), unet(z, timesteps=t, class_labels=y), atol=1e-5)
+        w, src = 4.0, 1 - y
+        cond, ref = unet(z, timesteps=t, class_labels=y), unet(z, timesteps=t, class_labels=src)
+        assert torch.allclose(contrast_output(unet, z, t, y, src, w), ref + w * (cond - ref), atol=1e-4)
+
+
+def test_only_the_denoising_clamps():
+    sched = clip_denoised_latents(ddim(50), 0.5)
+    free = unclamped(sched)
+    assert sched.clip_sample and not free.clip_sample and free.timesteps is sched.timesteps
+    z = torch.full((1, 3, 4, 4), 2.0)  # a clean latent beyond the clamp
+    unet = ConstantEps(torch.zeros(1, 3, 4, 4))
+    ts = edit_timesteps(sched, 0.3)
+    assert torch.allclose(denoise_from(unet, free, invert(unet, free, z, torch.tensor([0]), ts), torch.tensor([0]),
+                                       1.0, ts), z, atol=1e-5)
+    assert invert(unet, sched, z, torch.tensor([0]), ts).abs().max() < 1.0  # clamping would have lost the source
+
+
+@pytest.fixture(scope="module")
+def tiny_sampler(pipeline_run) -> Sampler:
+    return Sampler(pipeline_run / "models/ldm", pipeline_run / "models/autoencoder", 50, torch.device("cpu"))
+
+
+@pytest.fixture(scope="module")
+def test_images(pipeline_run) -> tuple[np.ndarray, np.ndarray]:
+    return real_uint8(pipeline_run / "data/prepared", "test")
+
+
+def test_model_input_pads_like_prepare(pipeline_run, tiny_sampler, test_images):
+    padded, _ = load_prepared(pipeline_run / "data/prepared", "test")
+    assert torch.equal(model_input(test_images[0], tiny_sampler.pad), padded)
+
+
+def test_ddim_inversion_round_trip_on_the_trained_model(tiny_sampler, test_images):
+    """Inversion then denoising with the same label at guidance 1 comes back close to the source latent; SDEdit (fresh
+    noise) and a random latent do not."""
+    images, labels = test_images
+    z = tiny_sampler.encode(model_input(images[:8], tiny_sampler.pad))
+    y = torch.from_numpy(labels[:8]).long()
+    seeds = list(range(8))
+    errors = {}
+    for name, settings in {"inversion": EditSettings(0.5, Method.ddim_inversion, InversionLabel.source, 1.0),
+                           "sdedit": EditSettings(0.5, Method.sdedit, InversionLabel.source, 1.0)}.items():
+        errors[name] = (edit_latents(tiny_sampler, z, y, y, settings, seeds) - z).abs().mean().item()
+    errors["random"] = (tiny_sampler.initial_noise(seeds) - z).abs().mean().item()
+    scale = z.abs().mean().item()
+    assert errors["inversion"] < 0.1 * scale, errors
+    assert errors["inversion"] < 0.25 * errors["sdedit"] < errors["random"], errors
+
+
+def test_null_inversion_label_conditions_on_the_null_class(tiny_sampler):
+    z = tiny_sampler.initial_noise([0, 1])
+    y = torch.tensor([0, 1])
+    a = edit_latents(tiny_sampler, z, y, y, EditSettings(0.3, inversion_label=InversionLabel.unconditional), [0, 1])
+    b = edit_latents(tiny_sampler, z, y, y, EditSettings(0.3), [0, 1])
+    assert not torch.allclose(a, b)
+    assert NULL_CLASS == 2
+
+
+@pytest.mark.parametrize("method", list(Method))
+def test_strength_zero_returns_the_source(tiny_sampler, test_images, method):
+    images, labels = test_images
+    z = tiny_sampler.encode(model_input(images[:3], tiny_sampler.pad))
+    y = torch.from_numpy(labels[:3]).long()
+    out = edit_latents(tiny_sampler, z, y, 1 - y, EditSettings(0.0, method, guidance_scale=4.0), [0, 1, 2])
+    assert torch.equal(out, z)
+    edited = edit_images(tiny_sampler, images[:3], labels[:3], 1 - labels[:3], EditSettings(0.0, method), [0, 1, 2], 2)
+    assert np.array_equal(edited, tiny_sampler.decode(z))  # the autoencoder round trip, nothing more
+
+
+def test_edits_do_not_depend_on_the_batch_size(tiny_sampler, test_images):
+    images, labels = test_images
+    settings = EditSettings(0.4, Method.sdedit, guidance_scale=2.0)
+    a = edit_images(tiny_sampler, images[:4], labels[:4], 1 - labels[:4], settings, [5, 6, 7, 8], 4)
+    b = edit_images(tiny_sampler, images[:4], labels[:4], 1 - labels[:4], settings, [5, 6, 7, 8], 1)
+    assert np.abs(a.astype(int) - b.astype(int)).max() <= 1
+
+
+def test_similarity_of_identical_images_is_finite():
+    x = np.random.default_rng(0).integers(0, 256, (2, 28, 28), dtype=np.uint8)
+    s = similarity(x, x)
+    assert np.allclose(s["ssim"], 1) and np.all(s["l1"] == 0) and np.all(np.isfinite(s["psnr_db"]))
+
+
+def test_select_sources_is_seeded_and_checks_the_count():
+    labels = np.array([0, 1, 0, 1, 1, 0, 1])
+    idx = select_sources(labels, 2, 0)
+    assert list(labels[idx]) == [0, 0, 1, 1] and np.array_equal(idx, select_sources(labels, 2, 0))
+    assert len(select_sources(labels, None, 0)) == len(labels)
+    with pytest.raises(PipelineError, match="n_per_class"):
+        select_sources(labels, 4, 0)
+
+
+# --- the stage on the tiny profile ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cf_metrics(pipeline_run) -> dict:
+    return json.loads((pipeline_run / "metrics/counterfactual.json").read_text())
+
+
+def test_stage_writes_every_metric_as_a_plain_number(cf_metrics):
+    for d in DIRECTIONS:
+        for prefix in ("", "baseline_identity_", "baseline_regenerate_"):
+            for m in MEASURES:
+                assert f"{prefix}{d}_{m}" in cf_metrics
+    for k, v in cf_metrics.items():
+        assert isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v), k
+    for k in cf_metrics:
+        if k.endswith(("flip_rate", "ssim")):
+            assert -1.0 <= cf_metrics[k] <= 1.0, k
+    assert cf_metrics["n2p_n"] == cf_metrics["p2n_n"] == 3
+
+
+def test_stage_baselines_bracket_the_trade_off(cf_metrics):
+    for d in DIRECTIONS:
+        # the identity baseline is the autoencoder round trip: the closest any edit can stay to its source
+        assert cf_metrics[f"baseline_identity_{d}_ssim"] >= cf_metrics[f"baseline_regenerate_{d}_ssim"]
+        assert cf_metrics[f"baseline_identity_{d}_ssim"] >= cf_metrics[f"{d}_ssim"] - 0.02
+
+
+def test_stage_sweep_has_one_row_per_strength(pipeline_run, cf_metrics):
+    import yaml
+
+    strengths = yaml.safe_load(pipeline_run.params.read_text())["counterfactual"]["sweep_strengths"]
+    lines = (pipeline_run / "metrics/plots/counterfactual_sweep.tsv").read_text().splitlines()
+    assert lines[0].split("\t") == ["strength", "flip_n2p", "ssim_n2p", "flip_p2n", "ssim_p2n"]
+    assert [float(line.split("\t")[0]) for line in lines[1:]] == strengths
+    for s in strengths:
+        for d in DIRECTIONS:
+            assert f"sweep_t{s:g}_{d}_flip_rate" in cf_metrics and f"sweep_t{s:g}_{d}_ssim" in cf_metrics
+
+
+def test_stage_arrays_and_figures(pipeline_run):
+    with np.load(pipeline_run / "data/counterfactuals.npz") as z:
+        arrays = dict(z)
+    n = len(arrays["sources"])
+    for key in ("edits", "reversed", "null_edits"):
+        assert arrays[key].shape == arrays["sources"].shape == (n, 28, 28) and arrays[key].dtype == np.uint8
+    assert np.array_equal(arrays["target_labels"], 1 - arrays["source_labels"])
+    images, labels = real_uint8(pipeline_run / "data/prepared", "test")
+    assert np.array_equal(images[arrays["test_index"]], arrays["sources"])
+    assert np.array_equal(labels[arrays["test_index"]], arrays["source_labels"])
+    for name in ("counterfactual_sweep.png", "counterfactual_panels.png"):
+        with Image.open(pipeline_run / "metrics/plots" / name) as img:
+            assert img.size[0] > 200 and img.size[1] > 200
+
+
+# --- the user command -------------------------------------------------------------------------------------------------
+
+
+def model_args(ws) -> list[str]:
+    return ["--ldm", str(ws / "models/ldm"), "--autoencoder", str(ws / "models/autoencoder"),
+            "--classifier", str(ws / "models/classifier"), "--steps", "10"]
+
+
+def test_edit_command_on_a_png_matches_the_library(pipeline_run, test_images, tmp_path):
+    images, labels = test_images
+    k = int(np.flatnonzero(labels == 0)[0])
+    Image.fromarray(images[k], mode="L").save(tmp_path / "child.png")
+    result = CliRunner().invoke(edit_cmd.app, ["--image", str(tmp_path / "child.png"), "--target", "pneumonia",
+                                               "--strength", "0.5", "--out", str(tmp_path / "out"),
+                                               *model_args(pipeline_run)])
+    assert result.exit_code == 0, result.output
+    with Image.open(tmp_path / "out/child_to_pneumonia.png") as img:
+        out = np.asarray(img)
+    assert out.shape == (28, 28)
+    sampler = Sampler(pipeline_run / "models/ldm", pipeline_run / "models/autoencoder", 10, torch.device("cpu"),
+                      clip_denoised=2.5)  # the command's default --clip-denoised
+    expected = edit_images(sampler, images[k:k + 1], np.array([0]), np.array([1]), EditSettings(0.5), [0], 1)
+    assert np.abs(out.astype(int) - expected[0].astype(int)).max() <= 1
+    assert (tmp_path / "out/child_to_pneumonia_difference.png").is_file()
+
+
+def make_dicom(path, photometric: str = "MONOCHROME2", rows: int = 64, cols: int = 80) -> Dataset:
+    """A 16-bit (12 stored) radiograph-like DICOM with geometry and a patient name."""
+    y, x = np.mgrid[:rows, :cols]
+    pixels = (2000 + 1500 * np.sin(x / 7.0) * np.cos(y / 5.0)).astype(np.uint16)
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"  # Digital X-Ray Image Storage - For Presentation
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.Modality, ds.PatientName, ds.PatientID = "DX", "Doe^Jane", "12345"
+    ds.ImageType = ["ORIGINAL", "PRIMARY"]
+    ds.PixelSpacing, ds.PatientOrientation = [0.5, 0.5], ["L", "F"]
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, photometric
+    ds.Rows, ds.Columns = rows, cols
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.PixelData = pixels.tobytes()
+    ds.save_as(path, enforce_file_format=True)
+    return ds
+
+
+def test_edit_command_on_a_dicom_keeps_geometry_and_marks_it_derived(pipeline_run, tmp_path):
+    source = make_dicom(tmp_path / "xray.dcm")
+    result = CliRunner().invoke(edit_cmd.app, ["--image", str(tmp_path / "xray.dcm"), "--target", "pneumonia",
+                                               "--out", str(tmp_path / "out"), *model_args(pipeline_run)])
+    assert result.exit_code == 0, result.output
+    ds = pydicom.dcmread(tmp_path / "out/xray_to_pneumonia.dcm")
+    assert (ds.Rows, ds.Columns) == (64, 80) and ds.pixel_array.shape == (64, 80)
+    assert "DERIVED" in ds.ImageType and ds.SOPClassUID == SecondaryCaptureImageStorage
+    for uid in ("SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID"):
+        assert ds[uid].value != source[uid].value, uid
+    assert ds.SourceImageSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
+    assert [float(v) for v in ds.PixelSpacing] == [0.5, 0.5] and list(ds.PatientOrientation) == ["L", "F"]
+    assert str(ds.PatientName) != "Doe^Jane" and ds.PatientID != "12345"
+    assert "strength=0.5" in ds.DerivationDescription
+    assert (tmp_path / "out/xray_to_pneumonia_difference.png").is_file()
+    # the change lives in the centre square; the columns outside it keep the source's grey levels
+    src = read_image(tmp_path / "xray.dcm").pixels
+    out = ds.pixel_array.astype(np.float64) / 65535
+    assert np.abs(out[:, :8] - src[:, :8]).max() < 1e-3
+
+
+def test_monochrome1_is_inverted_on_reading(tmp_path):
+    make_dicom(tmp_path / "m2.dcm", "MONOCHROME2")
+    make_dicom(tmp_path / "m1.dcm", "MONOCHROME1")
+    m2, m1 = read_image(tmp_path / "m2.dcm").pixels, read_image(tmp_path / "m1.dcm").pixels
+    assert np.allclose(m1, 1 - m2, atol=1e-6)
+
+
+def test_edit_command_rejects_a_file_that_is_no_image(pipeline_run, tmp_path):
+    (tmp_path / "notes.png").write_text("not an image")
+    result = CliRunner().invoke(edit_cmd.app, ["--image", str(tmp_path / "notes.png"), "--target", "normal",
+                                               "--out", str(tmp_path / "out"), *model_args(pipeline_run)])
+    assert isinstance(result.exception, PipelineError) and "notes.png" in str(result.exception)
+
+
+def test_edit_help_explains_every_option():
+    result = CliRunner().invoke(edit_cmd.app, ["--help"], env={"COLUMNS": "200", "TERMINAL_WIDTH": "200"})
+    assert result.exit_code == 0
+    command = edit_cmd.app.registered_commands[0].callback
+    import typer.main
+
+    click_cmd = typer.main.get_command(edit_cmd.app)
+    for param in click_cmd.params:
+        if param.name == "help":
+            continue
+        assert param.help and len(param.help) > 15, param.name
+        assert param.opts[0] in result.output, param.opts[0]
+    assert command.__doc__
