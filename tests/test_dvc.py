@@ -109,7 +109,7 @@ def test_sampling_params_never_retrain(project, key, value):
             ran = {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
             assert ran == downstream(project, "sample") and {"sample", "fid", "sampling_speed"} <= ran
             assert not ran & {"train_autoencoder", "encode_latents", "train_ldm", "train_classifier"}
-            diff = json.loads(dvc(project, "metrics", "diff", "--json").stdout)["metrics/fid.json"]
+            diff = json.loads(dvc(project, "metrics", "diff", "--all", "--json").stdout)["metrics/fid.json"]
             for key in ("fid_inception_vs_train_n24", "kid_inception_vs_train_n24_mean",
                         "precision_k3_inception_vs_train_n24", "coverage_k3_inception_vs_test_n24",
                         "fid_domain_vs_test_n24", "label_fidelity_accuracy"):
