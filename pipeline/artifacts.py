@@ -82,7 +82,8 @@ def save_npz(path: Path, **arrays: np.ndarray) -> None:
 
 
 def save_model(folder: Path, model: torch.nn.Module, name: str, args: dict[str, Any], **extra: Any) -> None:
-    """Save ``model`` as ``folder/model.safetensors`` + ``folder/config.json`` (class name, constructor args, extras)."""
+    """Save ``model`` as ``folder/model.safetensors`` + ``folder/config.json`` (class name, constructor args,
+    extras)."""
     folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     save_file(state, str(folder / "model.safetensors"))

@@ -1,8 +1,8 @@
 """Command-line plumbing shared by every stage: params loading, strict validation, clean errors.
 
 Each stage is one Typer command. Its non-path options are its hyperparameters; their values come from one section of
-``params.yaml`` through the ``default_map`` of Typer's context, so ``--help`` documents every key and a flag given on the command line
-still wins. Paths are passed by ``dvc.yaml`` only.
+``params.yaml`` through the ``default_map`` of Typer's context, so ``--help`` documents every key and a flag given on
+the command line still wins. Paths are passed by ``dvc.yaml`` only.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Any, Callable, Sequence
 import typer
 import yaml
 
-__all__ = ["PipelineError", "PARAMS_OPTION", "stage_options", "load_section", "run_stage"]
+__all__ = ["PipelineError", "PARAMS_OPTION", "stage_options", "load_section", "run_stage", "run_command"]
 
 PARAMS_OPTION = "params"
 """Name of the option every stage has that points at the params file."""
@@ -44,7 +44,8 @@ def stage_options(app: typer.Typer) -> dict[str, Any]:
         app: the stage's Typer application (one command).
 
     Returns:
-        argument name (the params.yaml key) -> type annotation (``int``, ``float``, ``list[int]``, ``Optional[int]``...).
+        argument name (the params.yaml key) -> type annotation (``int``, ``float``, ``list[int]``,
+        ``Optional[int]``...).
     """
     hints = typing.get_type_hints(_callback(app))
     return {name: hint for name, hint in hints.items() if name != "return" and hint is not Path}
@@ -143,7 +144,8 @@ def _params_path(argv: Sequence[str]) -> Path:
     return Path("params.yaml")
 
 
-def run_stage(app: typer.Typer, section: str | None, siblings: Sequence[str] = (), argv: Sequence[str] | None = None) -> None:
+def run_stage(app: typer.Typer, section: str | None, siblings: Sequence[str] = (),
+              argv: Sequence[str] | None = None) -> None:
     """Entry point of a stage: load and check its params section, then run its command with them as defaults.
 
     Args:
@@ -163,6 +165,16 @@ def run_stage(app: typer.Typer, section: str | None, siblings: Sequence[str] = (
     except PipelineError as exc:
         typer.echo(f"error: {exc}", err=True)
         sys.exit(exc.exit_code)
+
+
+def run_command(app: typer.Typer) -> None:
+    """Entry point of a user command outside DVC (``python -m pipeline.generate``...): a :class:`PipelineError`
+    prints one ``error:`` line on stderr, without a traceback, and exits with its status."""
+    try:
+        app()
+    except PipelineError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise SystemExit(exc.exit_code) from None
 
 
 def params_option() -> Any:

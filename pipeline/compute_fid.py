@@ -25,7 +25,7 @@ import typer
 
 from pipeline.artifacts import atomic_outputs, save_npz, write_json
 from pipeline.classifier import binary_metrics, load_classifier
-from pipeline.cli import params_option, run_stage
+from pipeline.cli import PipelineError, params_option, run_stage
 from pipeline.data import CLASSES
 from pipeline.fid import fid_from_features, inception_features
 from pipeline.fid_ref import real_uint8
@@ -65,6 +65,14 @@ def label_fidelity(prob: np.ndarray, labels: np.ndarray, threshold: float) -> di
     return {f"label_fidelity_{k}": m[k] for k in ("accuracy", "auc", "sensitivity", "specificity")}
 
 
+def _load_ref(path: Path) -> dict[str, np.ndarray]:
+    """The reference features and labels of one split, read once (an open ``.npz`` re-reads its zip per access)."""
+    if not path.is_file():
+        raise PipelineError(f"{path} not found: run the fid_ref stage first")
+    with np.load(path) as z:
+        return {"features": z["features"], "labels": z["labels"]}
+
+
 @app.command()
 def main(
     samples: Path = typer.Option(..., help="Samples folder (output of sample)."),
@@ -88,7 +96,7 @@ def main(
     evaluator = load_classifier(classifier)
     out: dict[str, float] = label_fidelity(evaluator.predict_proba(images), labels, evaluator.threshold)
     domain = evaluator.features(images)
-    refs = {split: np.load(fid_ref / f"{split}.npz") for split in ("train", "test")}
+    refs = {split: _load_ref(fid_ref / f"{split}.npz") for split in ("train", "test")}
     for split, ref in refs.items():
         idx = matched_subset(labels, ref["labels"])
         out.update(fid_table(feats[idx], labels[idx], ref["features"], ref["labels"], split))

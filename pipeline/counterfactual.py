@@ -2,7 +2,8 @@
 
 For ``n_per_class`` real test images of each class (a seeded subset), each image is edited to the other class
 (:mod:`pipeline.editing`: autoencoder, DDIM inversion or SDEdit to the edit strength, guided denoising under the
-target label, decoding). Per direction (``n2p`` normal → pneumonia, ``p2n`` pneumonia → normal):
+target label, optionally inside a DiffEdit mask, decoding). Per direction (``n2p`` normal → pneumonia, ``p2n``
+pneumonia → normal):
 
 - effectiveness: the evaluator's flip rate, the share of edits it calls the target class (at its val threshold);
 - identity: SSIM, PSNR and L1 between edit and source;
@@ -32,7 +33,7 @@ from pipeline.classifier import Evaluator, load_classifier
 from pipeline.cli import PipelineError, params_option, run_stage
 from pipeline.data import CLASSES
 from pipeline.diffmaps import save_edit_rows
-from pipeline.editing import (EditSettings, GuidanceReference, InversionLabel, Method, edit_images, flips_to,
+from pipeline.editing import (EditSettings, GuidanceReference, InversionLabel, Mask, Method, edit_images, flips_to,
                               similarity)
 from pipeline.fid_ref import real_uint8
 from pipeline.models import pick_device
@@ -145,6 +146,12 @@ def main(
         "guidance) or source (only what differs between the source and target predictions is amplified)."),
     clip_denoised: float = typer.Option(2.5, min=0.0, help="Clamp the predicted clean latent to ±this while "
                                         "denoising (0 = off; the inversion never clamps; as ldm.clip_denoised)."),
+    mask: Mask = typer.Option(Mask.none, help="none (the whole image may change) or diffedit (only where the target "
+                              "and source labels' noise predictions disagree; outside, the source latent is kept)."),
+    mask_threshold: float = typer.Option(0.5, min=0.0, max=1.0, help="DiffEdit mask: cells whose normalised "
+                                         "disagreement (0-1 per image) is at least this are edited; lower = larger."),
+    mask_noise_draws: int = typer.Option(4, min=1, help="DiffEdit mask: noise draws the disagreement is averaged "
+                                         "over."),
     sweep_strengths: list[float] = typer.Option([0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8], help="Strengths of the "
                                                 "sweep (flip rate and SSIM per strength)."),
     seed: int = typer.Option(0, help="Seeds the choice of test images; image i uses seed + i for noise (SDEdit, "
@@ -163,7 +170,8 @@ def main(
     seeds = [seed + i for i in range(len(sources))]
     sampler = Sampler(ldm, autoencoder, num_inference_steps, pick_device(), clip_denoised)
     evaluator = load_classifier(classifier)
-    settings = EditSettings(strength, method, inversion_label, guidance_scale, guidance_reference)
+    settings = EditSettings(strength, method, inversion_label, guidance_scale, guidance_reference, mask,
+                            mask_threshold, mask_noise_draws)
 
     def edit(x: np.ndarray, a: np.ndarray, b: np.ndarray, s: float, desc: str) -> np.ndarray:
         return edit_images(sampler, x, a, b, replace(settings, strength=s), seeds, batch_size, desc)
@@ -193,7 +201,8 @@ def main(
         write_json(tmp_metrics, result)
         write_tsv(tmp_curve, rows)
         save_sweep_figure(tmp_fig, rows, f"counterfactual edits: {method.value}, inversion label "
-                          f"{inversion_label.value}, guidance {guidance_scale:g}, {num_inference_steps} DDIM steps")
+                          f"{inversion_label.value}, guidance {guidance_scale:g}, mask {mask.value}, "
+                          f"{num_inference_steps} DDIM steps")
         idx, row_labels = panel_rows(src, test_index, p_source, p_edit, n_panels)
         save_edit_rows(tmp_pan, sources[idx], edits[idx], row_labels,
                        f"counterfactual edits, t0 {strength:g}, {method.value}, guidance {guidance_scale:g}",

@@ -115,7 +115,9 @@ def pad_amounts(size: int, multiple: int) -> tuple[int, int]:
 
 
 def pad_images(images: np.ndarray, multiple: int) -> tuple[np.ndarray, tuple[int, int]]:
-    """Reflect-pad N×H×W images (square) to N×1×P×P, P a multiple of ``multiple``; returns images and (before, after)."""
+    """Reflect-pad N×H×W images (square) to N×1×P×P, P a multiple of ``multiple``.
+
+    Returns: the padded images and the padding (before, after)."""
     before, after = pad_amounts(images.shape[-1], multiple)
     padded = np.pad(images, ((0, 0), (before, after), (before, after)), mode="reflect")
     return padded[:, None], (before, after)

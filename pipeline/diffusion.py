@@ -14,7 +14,8 @@ from monai.networks.nets import DiffusionModelUNet
 from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
 
 __all__ = ["NULL_CLASS", "LATENT_NORMS", "latent_normalizer", "to_model_space", "from_model_space", "unet_args",
-           "scheduler_args", "make_ddpm", "make_ddim", "clip_denoised_latents", "training_target", "drop_labels", "guided_output"]
+           "scheduler_args", "make_ddpm", "make_ddim", "clip_denoised_latents", "training_target", "drop_labels",
+           "guided_output"]
 
 NULL_CLASS = 2
 LATENT_NORMS = ("channel", "global")

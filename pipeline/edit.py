@@ -27,7 +27,7 @@ from pipeline.cli import PipelineError
 from pipeline.data import CLASSES
 from pipeline.diffmaps import save_edit_rows
 from pipeline.edit_io import apply_change, derived_dicom, model_view, read_image, unflip, write_png
-from pipeline.editing import EditSettings, GuidanceReference, InversionLabel, Method, edit_images
+from pipeline.editing import EditSettings, GuidanceReference, InversionLabel, Mask, Method, edit_images
 from pipeline.generate import Label
 from pipeline.models import pick_device
 from pipeline.sample import Sampler
@@ -53,7 +53,7 @@ def main(
                                "its content) or a PNG / any grey or colour image Pillow reads."),
     target: Label = typer.Option(..., help="Clinical status to edit the image to."),
     out: Path = typer.Option(..., help="Output folder (created if absent) for the edit and the difference map."),
-    strength: float = typer.Option(0.5, min=0.0, max=1.0, help="Edit strength t0, the fraction of the diffusion "
+    strength: float = typer.Option(0.45, min=0.0, max=1.0, help="Edit strength t0, the fraction of the diffusion "
                                    "schedule the edit goes up: higher changes more (0 = autoencoder round trip). "
                                    "metrics/plots/counterfactual_sweep.png shows flip rate against SSIM per t0."),
     source: Optional[Label] = typer.Option(None, help="Clinical status of the input image; default: the other "
@@ -63,15 +63,22 @@ def main(
                                   "or sdedit (fresh noise to t0, then denoise)."),
     inversion_label: InversionLabel = typer.Option(InversionLabel.source, help="Label the DDIM inversion is "
                                                    "conditioned on: source, or unconditional (the null class)."),
-    guidance_scale: float = typer.Option(3.0, min=0.0, help="Classifier-free guidance towards the target (1 = none)."),
+    guidance_scale: float = typer.Option(7.0, min=0.0, help="Classifier-free guidance towards the target (1 = none)."),
     steps: int = typer.Option(50, min=1, help="DDIM steps of a full schedule (an edit runs about t0 x steps up "
                               "and as many down)."),
     guidance_reference: GuidanceReference = typer.Option(
         GuidanceReference.unconditional, help="What guidance extrapolates from: unconditional (usual classifier-free "
         "guidance) or source (only what differs between the source and target predictions is amplified)."),
-    clip_denoised: float = typer.Option(2.5, min=0.0, help="Clamp the predicted clean latent to ±this while "
+    clip_denoised: float = typer.Option(0.0, min=0.0, help="Clamp the predicted clean latent to ±this while "
                                         "denoising (normalised latent units, 0 = off; the inversion never clamps)."),
-    seed: int = typer.Option(0, help="Seed of the SDEdit noise (DDIM inversion is deterministic)."),
+    mask: Mask = typer.Option(Mask.none, help="none (the whole image may change) or diffedit (only where the target "
+                              "and source labels' noise predictions disagree; outside, the source latent is kept)."),
+    mask_threshold: float = typer.Option(0.3, min=0.0, max=1.0, help="DiffEdit mask: cells whose normalised "
+                                         "disagreement (0-1 per image) is at least this are edited; lower = larger."),
+    mask_noise_draws: int = typer.Option(4, min=1, help="DiffEdit mask: noise draws the disagreement is averaged "
+                                         "over."),
+    seed: int = typer.Option(0, help="Seed of the SDEdit noise and of the DiffEdit mask's noise draws (DDIM "
+                             "inversion itself is deterministic)."),
     ldm: Path = typer.Option(Path("models/ldm"), help="Diffusion model folder."),
     autoencoder: Path = typer.Option(Path("models/autoencoder"), help="Autoencoder model folder."),
     classifier: Path = typer.Option(Path("models/classifier"), help="Evaluator folder; when present, its "
@@ -84,7 +91,8 @@ def main(
     read = read_image(image)
     small = model_view(read.pixels, size)[None]
     sampler = Sampler(ldm, autoencoder, steps, pick_device(), clip_denoised)
-    settings = EditSettings(strength, method, inversion_label, guidance_scale, guidance_reference)
+    settings = EditSettings(strength, method, inversion_label, guidance_scale, guidance_reference, mask,
+                            mask_threshold, mask_noise_draws)
     a, b = np.array([src_label]), np.array([tgt_label])
     edit = edit_images(sampler, small, a, b, settings, [seed], 1, "edit")
     back = edit_images(sampler, edit, b, a, settings, [seed], 1, "edit back")
@@ -94,7 +102,8 @@ def main(
     stem = f"{image.stem}_to_{target.value}"
     desc = (f"counterfactual {CLASSES[src_label]}->{target.value} strength={strength:g} method={method.value} "
             f"inversion_label={inversion_label.value} guidance={guidance_scale:g} "
-            f"guidance_reference={guidance_reference.value} ddim_steps={steps} seed={seed}")
+            f"guidance_reference={guidance_reference.value} mask={mask.value} mask_threshold={mask_threshold:g} "
+            f"ddim_steps={steps} seed={seed}")
     if read.dataset is not None:
         derived_dicom(read.dataset, full, target.value, desc).save_as(out / f"{stem}.dcm", enforce_file_format=True)
         written = out / f"{stem}.dcm"

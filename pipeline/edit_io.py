@@ -14,7 +14,6 @@ orientation, a Source Image Sequence pointing at the source instance, and no pat
 
 from __future__ import annotations
 
-import datetime as dt
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,11 +22,12 @@ import pydicom
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.dataset import Dataset
 from pydicom.misc import is_dicom
-from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+from pydicom.uid import generate_uid
 
 from pipeline.cli import PipelineError
+from pipeline.dicom import secondary_capture
 from pipeline.external import SkipFile, center_square, display_image, normalise, orient, resize, to_uint8
 
 __all__ = ["SourceImage", "read_image", "model_view", "apply_change", "write_png", "derived_dicom"]
@@ -137,19 +137,9 @@ def derived_dicom(source: Dataset, image: np.ndarray, target: str, description: 
     """
     if image.shape != (int(source.Rows), int(source.Columns)):
         raise ValueError(f"edit of shape {image.shape} does not match the source's {source.Rows}×{source.Columns}")
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    now = dt.datetime.now(dt.timezone.utc)
-    ds.SOPClassUID, ds.SOPInstanceUID = SecondaryCaptureImageStorage, meta.MediaStorageSOPInstanceUID
-    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
-    ds.Modality, ds.ConversionType = str(source.get("Modality", "OT") or "OT"), "WSD"
-    ds.ImageType = ["DERIVED", "SECONDARY", "COUNTERFACTUAL"]
-    ds.PatientName, ds.PatientID = "COUNTERFACTUAL", "COUNTERFACTUAL"
-    ds.PatientIdentityRemoved, ds.BurnedInAnnotation = "YES", "NO"
+    pixels = np.round(np.clip(image, 0, 1) * 65535).astype(np.uint16)
+    ds = secondary_capture(pixels, "COUNTERFACTUAL", generate_uid(),
+                           modality=str(source.get("Modality", "OT") or "OT"))
     ds.SeriesDescription = f"COUNTERFACTUAL edit to {target} (latent diffusion)"
     ds.DerivationDescription = description
     ds.ImageComments = f"Counterfactual edit to {target}, not an acquired image of a patient. {description}"
@@ -160,11 +150,5 @@ def derived_dicom(source: Dataset, image: np.ndarray, target: str, description: 
     for keyword in GEOMETRY_KEYWORDS:
         if keyword in source:
             setattr(ds, keyword, source[keyword].value)
-    ds.ContentDate, ds.ContentTime = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
-    ds.InstanceNumber = 1
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.Rows, ds.Columns = image.shape
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
     ds.WindowCenter, ds.WindowWidth = 32768, 65536
-    ds.PixelData = np.round(np.clip(image, 0, 1) * 65535).astype("<u2").tobytes()
     return ds

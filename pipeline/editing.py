@@ -21,6 +21,13 @@ exactly on ``t_{j+1}`` and one ``step`` at ``t_{j+1}`` lands exactly on ``t_j``.
 ``t_0 .. t_{k-1}`` and ends at ``t_k``; the denoising starts there, evaluates it at ``t_k .. t_1`` and ends at
 ``t_0 = 0``, where the clean latent started.
 
+Spatial mask (DiffEdit, Couairon et al., "DiffEdit: Diffusion-based semantic image editing with mask guidance",
+ICLR 2023, Sec. 3.2): with ``mask = diffedit`` the edit first estimates where the target and source labels disagree,
+``|ε(z_t, target) − ε(z_t, source)|`` at the edit's top timestep, channel-averaged and averaged over a few noise
+draws, smoothed (3×3 box), min-max normalised per image and thresholded into a binary mask on the latent grid. After
+every denoising step, the latent outside the mask is replaced by the inversion's (or SDEdit's noised) source latent at
+the same timestep, so that what lies outside (bones, soft tissue, borders) ends as the source latent itself.
+
 Clamping: when the sampler clamps the predicted clean latent (``clip_denoised``, see :mod:`pipeline.diffusion`), only
 the denoising clamps; the inversion never does, since clamping would change a real latent before any edit.
 """
@@ -33,6 +40,7 @@ from enum import Enum
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from monai.networks.schedulers import DDIMScheduler
 from torchmetrics.functional.image import structural_similarity_index_measure
 from tqdm import tqdm
@@ -41,7 +49,8 @@ from pipeline.cli import PipelineError
 from pipeline.diffusion import NULL_CLASS
 from pipeline.sample import Sampler
 
-__all__ = ["Method", "InversionLabel", "GuidanceReference", "EditSettings", "edit_timesteps", "invert",
+__all__ = ["Method", "InversionLabel", "GuidanceReference", "Mask", "EditSettings", "edit_timesteps", "invert",
+           "invert_trajectory", "mask_seeds", "diffedit_mask",
            "contrast_output", "denoise_from", "noise_to", "edit_latents", "unclamped", "model_input", "edit_images",
            "similarity", "flips_to"]
 
@@ -72,6 +81,13 @@ class GuidanceReference(str, Enum):
     source = "source"
 
 
+class Mask(str, Enum):
+    """Where an edit may change the latent: everywhere (``none``), or inside a DiffEdit mask (``diffedit``)."""
+
+    none = "none"
+    diffedit = "diffedit"
+
+
 @dataclass(frozen=True)
 class EditSettings:
     """How to edit.
@@ -85,6 +101,11 @@ class EditSettings:
             (``ε_∅ + w (ε_target − ε_∅)``, Ho & Salimans 2022) or ``source`` (``ε_source + w (ε_target − ε_source)``:
             only what differs between the two labels' predictions is amplified, and a null edit, target = source, is
             the plain inversion round trip).
+        mask: ``none`` (the whole latent is denoised under the target) or ``diffedit`` (only inside a mask where the
+            target and source labels' noise predictions disagree; outside, the source trajectory is kept).
+        mask_threshold: a latent cell is inside the DiffEdit mask when its normalised disagreement (0 = least, 1 = most
+            in that image) is at least this, in [0, 1]; lower = a larger mask.
+        mask_noise_draws: noise draws the DiffEdit disagreement is averaged over (each costs one batched U-Net pass).
     """
 
     strength: float
@@ -92,10 +113,17 @@ class EditSettings:
     inversion_label: InversionLabel = InversionLabel.source
     guidance_scale: float = 3.0
     guidance_reference: GuidanceReference = GuidanceReference.unconditional
+    mask: Mask = Mask.none
+    mask_threshold: float = 0.5
+    mask_noise_draws: int = 4
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.strength <= 1.0:
             raise PipelineError(f"edit strength must be in [0, 1], got {self.strength}")
+        if not 0.0 <= self.mask_threshold <= 1.0:
+            raise PipelineError(f"edit mask_threshold must be in [0, 1], got {self.mask_threshold}")
+        if self.mask_noise_draws < 1:
+            raise PipelineError(f"edit mask_noise_draws must be at least 1, got {self.mask_noise_draws}")
 
 
 def edit_timesteps(scheduler: DDIMScheduler, strength: float) -> list[int]:
@@ -125,9 +153,9 @@ def _t(t: int, z: torch.Tensor) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def invert(unet: torch.nn.Module, scheduler: DDIMScheduler, z: torch.Tensor, labels: torch.Tensor,
-           timesteps: list[int]) -> torch.Tensor:
-    """DDIM inversion: clean latents at ``timesteps[0]`` -> latents at ``timesteps[-1]`` (guidance 1).
+def invert_trajectory(unet: torch.nn.Module, scheduler: DDIMScheduler, z: torch.Tensor, labels: torch.Tensor,
+                      timesteps: list[int]) -> list[torch.Tensor]:
+    """DDIM inversion (guidance 1), every latent on the way: ``[z at timesteps[0], …, z at timesteps[-1]]``.
 
     Args:
         unet: the class-conditional diffusion U-Net.
@@ -136,9 +164,17 @@ def invert(unet: torch.nn.Module, scheduler: DDIMScheduler, z: torch.Tensor, lab
         labels: conditioning of each latent (0, 1 or :data:`~pipeline.diffusion.NULL_CLASS`).
         timesteps: the edit's grid, increasing.
     """
+    out = [z]
     for t in timesteps[:-1]:
-        z, _ = scheduler.reversed_step(unet(z, timesteps=_t(t, z), class_labels=labels), t, z)
-    return z
+        out.append(scheduler.reversed_step(unet(out[-1], timesteps=_t(t, z), class_labels=labels), t, out[-1])[0])
+    return out
+
+
+def invert(unet: torch.nn.Module, scheduler: DDIMScheduler, z: torch.Tensor, labels: torch.Tensor,
+           timesteps: list[int]) -> torch.Tensor:
+    """DDIM inversion: clean latents at ``timesteps[0]`` -> latents at ``timesteps[-1]`` (the last latent of
+    :func:`invert_trajectory`, same arguments)."""
+    return invert_trajectory(unet, scheduler, z, labels, timesteps)[-1]
 
 
 def contrast_output(unet: torch.nn.Module, z: torch.Tensor, t: torch.Tensor, labels: torch.Tensor,
@@ -154,7 +190,8 @@ def contrast_output(unet: torch.nn.Module, z: torch.Tensor, t: torch.Tensor, lab
 
 @torch.inference_mode()
 def denoise_from(unet: torch.nn.Module, scheduler: DDIMScheduler, z: torch.Tensor, labels: torch.Tensor,
-                 guidance_scale: float, timesteps: list[int], reference: torch.Tensor | None = None) -> torch.Tensor:
+                 guidance_scale: float, timesteps: list[int], reference: torch.Tensor | None = None,
+                 mask: torch.Tensor | None = None, trajectory: list[torch.Tensor] | None = None) -> torch.Tensor:
     """Deterministic DDIM (eta 0) from latents at ``timesteps[-1]`` down to ``timesteps[0]``, with guidance.
 
     Args:
@@ -165,10 +202,18 @@ def denoise_from(unet: torch.nn.Module, scheduler: DDIMScheduler, z: torch.Tenso
         guidance_scale: classifier-free guidance scale (1 = plain conditional prediction).
         timesteps: the edit's grid, increasing.
         reference: labels guidance extrapolates from (:func:`contrast_output`); None = the null class.
+        mask: N×1×h×w in [0, 1], where the edit may change the latent (DiffEdit); None = everywhere.
+        trajectory: with a mask, the source latents at each of ``timesteps`` (:func:`invert_trajectory`); after the
+            step that lands on ``timesteps[j]``, the latent becomes ``mask · z + (1 − mask) · trajectory[j]``.
     """
+    if mask is not None and (trajectory is None or len(trajectory) != len(timesteps)):
+        raise ValueError("a masked denoising needs the source trajectory, one latent per timestep")
     reference = torch.full_like(labels, NULL_CLASS) if reference is None else reference.to(labels.device)
-    for t in reversed(timesteps[1:]):
+    for j in range(len(timesteps) - 1, 0, -1):
+        t = timesteps[j]
         z, _ = scheduler.step(contrast_output(unet, z, _t(t, z), labels, reference, guidance_scale), t, z)
+        if mask is not None:
+            z = torch.lerp(trajectory[j - 1], z, mask)
     return z
 
 
@@ -180,6 +225,37 @@ def noise_to(scheduler: DDIMScheduler, z: torch.Tensor, noise: torch.Tensor, t: 
     return a.sqrt() * z + (1 - a).sqrt() * noise.to(z.device, z.dtype)
 
 
+def mask_seeds(seeds: list[int], draw: int) -> list[int]:
+    """Seeds of the ``draw``-th DiffEdit noise draw, one per image, distinct from the images' own seeds."""
+    return [int(np.random.SeedSequence([s, 1 + draw]).generate_state(1)[0]) for s in seeds]
+
+
+@torch.inference_mode()
+def diffedit_mask(unet: torch.nn.Module, scheduler: DDIMScheduler, z: torch.Tensor, source: torch.Tensor,
+                  target: torch.Tensor, t: int, noises: list[torch.Tensor], threshold: float) -> torch.Tensor:
+    """The DiffEdit mask (Couairon et al., ICLR 2023, Sec. 3.2) of clean latents ``z``: N×1×h×w, 1 inside.
+
+    Args:
+        unet: the class-conditional diffusion U-Net.
+        scheduler: its DDIM scheduler (for ``ᾱ_t``).
+        z: clean normalised latents N×C×h×w.
+        source: labels of the images.
+        target: labels they are edited to.
+        t: the timestep the disagreement is measured at (the edit's top timestep).
+        noises: noise draws, each N×C×h×w; ``|ε(z_t, target) − ε(z_t, source)|`` is averaged over them.
+        threshold: cells whose min-max normalised disagreement is at least this are inside.
+    """
+    diff = torch.zeros_like(z[:, :1])
+    tt = _t(t, torch.cat([z, z]))
+    for noise in noises:
+        zt = noise_to(scheduler, z, noise, t)
+        a, b = unet(torch.cat([zt, zt]), timesteps=tt, class_labels=torch.cat([target, source])).chunk(2)
+        diff += (a - b).abs().mean(1, keepdim=True)
+    diff = F.avg_pool2d(diff, 3, stride=1, padding=1, count_include_pad=False)  # DiffEdit smooths the map too
+    lo, hi = diff.amin((1, 2, 3), keepdim=True), diff.amax((1, 2, 3), keepdim=True)
+    return ((diff - lo) / (hi - lo).clamp_min(1e-12) >= threshold).to(z.dtype)
+
+
 def edit_latents(sampler: Sampler, z: torch.Tensor, source: torch.Tensor, target: torch.Tensor,
                  settings: EditSettings, seeds: list[int]) -> torch.Tensor:
     """Edit clean normalised latents from their ``source`` labels to ``target`` labels.
@@ -189,8 +265,8 @@ def edit_latents(sampler: Sampler, z: torch.Tensor, source: torch.Tensor, target
         z: clean normalised latents N×C×h×w (:meth:`Sampler.encode`).
         source: labels of the images the latents come from.
         target: labels to edit them to.
-        settings: strength, method, inversion label and guidance.
-        seeds: one per latent, for the SDEdit noise (unused by DDIM inversion).
+        settings: strength, method, inversion label, guidance and mask.
+        seeds: one per latent, for the SDEdit noise (unused by DDIM inversion) and the DiffEdit mask's noise draws.
 
     Returns:
         Edited clean latents; strength 0 returns ``z`` itself.
@@ -198,13 +274,20 @@ def edit_latents(sampler: Sampler, z: torch.Tensor, source: torch.Tensor, target
     ts = edit_timesteps(sampler.scheduler, settings.strength)
     source, target = source.to(z.device), target.to(z.device)
     if settings.method == Method.sdedit:
-        z = noise_to(sampler.scheduler, z, sampler.initial_noise(seeds), ts[-1])
+        noise = sampler.initial_noise(seeds)
+        trajectory = [noise_to(sampler.scheduler, z, noise, t) for t in ts]
     else:
         unconditional = settings.inversion_label == InversionLabel.unconditional
         cond = torch.full_like(source, NULL_CLASS) if unconditional else source
-        z = invert(sampler.unet, unclamped(sampler.scheduler), z, cond, ts)
+        trajectory = invert_trajectory(sampler.unet, unclamped(sampler.scheduler), z, cond, ts)
+    mask = None
+    if settings.mask == Mask.diffedit and len(ts) > 1:
+        noises = [sampler.initial_noise(mask_seeds(seeds, d)).to(z.device) for d in range(settings.mask_noise_draws)]
+        mask = diffedit_mask(sampler.unet, sampler.scheduler, z, source, target, ts[-1], noises,
+                             settings.mask_threshold)
     reference = source if settings.guidance_reference == GuidanceReference.source else None
-    return denoise_from(sampler.unet, sampler.scheduler, z, target, settings.guidance_scale, ts, reference)
+    return denoise_from(sampler.unet, sampler.scheduler, trajectory[-1], target, settings.guidance_scale, ts,
+                        reference, mask, trajectory)
 
 
 def model_input(images: np.ndarray, pad: list[int] | tuple[int, int]) -> torch.Tensor:

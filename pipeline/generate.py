@@ -16,7 +16,7 @@ import numpy as np
 import typer
 from PIL import Image
 
-from pipeline.cli import PipelineError
+from pipeline.cli import run_command
 from pipeline.data import CLASSES
 from pipeline.dicom import write_synthetic_dicom
 from pipeline.models import pick_device
@@ -66,14 +66,5 @@ def main(
     typer.echo(f"wrote {n} {label.value} images to {out}", err=True)
 
 
-def cli() -> None:
-    """Run with one-line errors for problems the user can fix."""
-    try:
-        app()
-    except PipelineError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise SystemExit(exc.exit_code) from None
-
-
 if __name__ == "__main__":
-    cli()
+    run_command(app)

@@ -1,4 +1,4 @@
-"""Sample-quality metrics on feature vectors, beside FID (:mod:`pipeline.fid`): KID and precision/recall/density/coverage.
+"""Sample-quality metrics on feature vectors beside FID (:mod:`pipeline.fid`): KID, precision/recall/density/coverage.
 
 - KID (Bińkowski et al., "Demystifying MMD GANs", ICLR 2018): unbiased MMD² with the cubic polynomial kernel
   k(x, y) = (xᵀy / d + 1)³, averaged over random subsets; unlike FID it is unbiased in N, so small N is comparable.

@@ -50,7 +50,14 @@ def test_declared_params_are_exactly_what_the_stage_reads(name):
     stage = STAGES[name]
     mod = importlib.import_module(module_of(stage))
     expected = {f"{mod.SECTION}.{key}" for key in stage_options(mod.app)} if mod.SECTION else set()
-    assert set(stage.get("params", [])) == expected
+    # a stage may also read keys of another stage's section (utility: the evaluator's recipe), named in EXTRA_PARAMS
+    for section, keys in getattr(mod, "EXTRA_PARAMS", {}).items():
+        assert set(keys) <= set(PARAMS[section]), f"{name} reads keys missing from params section {section}"
+        expected |= {f"{section}.{key}" for key in keys}
+    declared = set()
+    for key in stage.get("params", []):  # a bare section name (tune) declares every key of that section
+        declared |= {f"{key}.{k}" for k in PARAMS[key]} if "." not in key else {key}
+    assert declared == expected
 
 
 @pytest.mark.parametrize("name", list(STAGES))

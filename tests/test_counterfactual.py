@@ -23,8 +23,9 @@ from pipeline.counterfactual import DIRECTIONS, select_sources
 from pipeline.data import load_prepared
 from pipeline.diffusion import NULL_CLASS, clip_denoised_latents, guided_output, unet_args
 from pipeline.edit_io import read_image
-from pipeline.editing import (EditSettings, InversionLabel, Method, contrast_output, denoise_from, edit_images,
-                              edit_latents, edit_timesteps, invert, model_input, similarity, unclamped)
+from pipeline.editing import (EditSettings, InversionLabel, Mask, Method, contrast_output, denoise_from,
+                              diffedit_mask, edit_images, edit_latents, edit_timesteps, invert, invert_trajectory,
+                              mask_seeds, model_input, noise_to, similarity, unclamped)
 from pipeline.fid_ref import real_uint8
 from pipeline.sample import Sampler
 
@@ -160,6 +161,79 @@ def test_strength_zero_returns_the_source(tiny_sampler, test_images, method):
     assert np.array_equal(edited, tiny_sampler.decode(z))  # the autoencoder round trip, nothing more
 
 
+@pytest.fixture(scope="module")
+def source_latents(tiny_sampler, test_images) -> tuple[torch.Tensor, torch.Tensor]:
+    images, labels = test_images
+    return tiny_sampler.encode(model_input(images[:4], tiny_sampler.pad)), torch.from_numpy(labels[:4]).long()
+
+
+@pytest.mark.parametrize("method", list(Method))
+def test_without_a_mask_an_edit_is_inversion_then_guided_denoising_bitwise(tiny_sampler, source_latents, method):
+    # mask none must be exactly the edit before masks existed: invert (or noise) to t0, denoise under the target
+    z, y = source_latents
+    seeds = [0, 1, 2, 3]
+    settings = EditSettings(0.4, method, guidance_scale=3.0)
+    ts = edit_timesteps(tiny_sampler.scheduler, 0.4)
+    if method == Method.sdedit:
+        zt = noise_to(tiny_sampler.scheduler, z, tiny_sampler.initial_noise(seeds), ts[-1])
+    else:
+        zt = invert(tiny_sampler.unet, unclamped(tiny_sampler.scheduler), z, y, ts)
+    expected = denoise_from(tiny_sampler.unet, tiny_sampler.scheduler, zt, 1 - y, 3.0, ts)
+    assert torch.equal(edit_latents(tiny_sampler, z, y, 1 - y, settings, seeds), expected)
+
+
+def test_inversion_trajectory_ends_at_the_inverted_latent(tiny_sampler, source_latents):
+    z, y = source_latents
+    ts = edit_timesteps(tiny_sampler.scheduler, 0.3)
+    traj = invert_trajectory(tiny_sampler.unet, tiny_sampler.scheduler, z, y, ts)
+    assert len(traj) == len(ts) and traj[0] is z
+    assert torch.equal(traj[-1], invert(tiny_sampler.unet, tiny_sampler.scheduler, z, y, ts))
+
+
+def test_diffedit_mask_is_binary_and_shrinks_with_the_threshold(tiny_sampler, source_latents):
+    z, y = source_latents
+    noises = [tiny_sampler.initial_noise(mask_seeds([0, 1, 2, 3], d)) for d in range(2)]
+    t = edit_timesteps(tiny_sampler.scheduler, 0.5)[-1]
+    masks = {th: diffedit_mask(tiny_sampler.unet, tiny_sampler.scheduler, z, y, 1 - y, t, noises, th)
+             for th in (0.0, 0.3, 0.7, 1.0)}
+    assert masks[0.0].shape == (4, 1, *z.shape[2:]) and bool((masks[0.0] == 1).all())
+    assert set(torch.unique(masks[0.7]).tolist()) <= {0.0, 1.0}
+    areas = [masks[th].sum().item() for th in (0.0, 0.3, 0.7, 1.0)]
+    assert areas == sorted(areas, reverse=True) and areas[-1] >= 4  # the maximum of each image is always inside
+    assert mask_seeds([0, 1], 0) != mask_seeds([0, 1], 1) and mask_seeds([7], 0) == mask_seeds([3, 7], 0)[1:]
+
+
+def test_a_masked_edit_keeps_the_source_latent_outside_the_mask(tiny_sampler, source_latents):
+    """DiffEdit: after every step the outside of the mask is the inversion's latent, so the edit ends there as the
+    source latent itself, while the inside changes."""
+    z, y = source_latents
+    seeds, settings = [0, 1, 2, 3], EditSettings(0.5, guidance_scale=4.0, mask=Mask.diffedit, mask_threshold=0.5)
+    ts = edit_timesteps(tiny_sampler.scheduler, 0.5)
+    noises = [tiny_sampler.initial_noise(mask_seeds(seeds, d)) for d in range(settings.mask_noise_draws)]
+    m = diffedit_mask(tiny_sampler.unet, tiny_sampler.scheduler, z, y, 1 - y, ts[-1], noises, 0.5).bool()
+    assert 0 < m.float().mean() < 1
+    out = edit_latents(tiny_sampler, z, y, 1 - y, settings, seeds)
+    outside, inside = ~m.expand_as(z), m.expand_as(z)
+    assert torch.equal(out[outside], z[outside])
+    unmasked = edit_latents(tiny_sampler, z, y, 1 - y, EditSettings(0.5, guidance_scale=4.0), seeds)
+    assert (out[inside] - z[inside]).abs().mean() > 0.1 * (unmasked - z).abs().mean()
+    # and at every step: a stand-in U-Net, a half mask, a given trajectory
+    unet = ConstantEps(torch.ones(1, 2, 4, 4))
+    sched, half = ddim(50), torch.zeros(1, 1, 4, 4)
+    half[..., :2] = 1
+    traj = [torch.full((1, 2, 4, 4), float(j)) for j in range(len(ts))]
+    res = denoise_from(unet, sched, traj[-1], torch.tensor([1]), 1.0, ts, mask=half, trajectory=traj)
+    assert torch.equal(res[..., 2:], traj[0][..., 2:]) and not torch.equal(res[..., :2], traj[0][..., :2])
+    with pytest.raises(ValueError, match="trajectory"):
+        denoise_from(unet, sched, traj[-1], torch.tensor([1]), 1.0, ts, mask=half)
+
+
+@pytest.mark.parametrize("kwargs", [{"mask_threshold": 1.5}, {"mask_threshold": -0.1}, {"mask_noise_draws": 0}])
+def test_edit_settings_reject_bad_mask_options(kwargs):
+    with pytest.raises(PipelineError, match="mask"):
+        EditSettings(0.5, mask=Mask.diffedit, **kwargs)
+
+
 def test_edits_do_not_depend_on_the_batch_size(tiny_sampler, test_images):
     images, labels = test_images
     settings = EditSettings(0.4, Method.sdedit, guidance_scale=2.0)
@@ -258,8 +332,9 @@ def test_edit_command_on_a_png_matches_the_library(pipeline_run, test_images, tm
         out = np.asarray(img)
     assert out.shape == (28, 28)
     sampler = Sampler(pipeline_run / "models/ldm", pipeline_run / "models/autoencoder", 10, torch.device("cpu"),
-                      clip_denoised=2.5)  # the command's default --clip-denoised
-    expected = edit_images(sampler, images[k:k + 1], np.array([0]), np.array([1]), EditSettings(0.5), [0], 1)
+                      clip_denoised=0.0)  # the command's default --clip-denoised
+    expected = edit_images(sampler, images[k:k + 1], np.array([0]), np.array([1]),
+                           EditSettings(0.5, guidance_scale=7.0), [0], 1)  # the command's default --guidance-scale
     assert np.abs(out.astype(int) - expected[0].astype(int)).max() <= 1
     assert (tmp_path / "out/child_to_pneumonia_difference.png").is_file()
 

@@ -1,0 +1,166 @@
+"""Helpers of the ``utility`` stage: stratified subsets, the run plan and its training budget, seed statistics, the
+metrics file and the figure. Pure functions of arrays and numbers; the stage file does the I/O and the training."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import matplotlib
+import numpy as np
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+__all__ = ["Regime", "plan", "stratified_subset", "epochs_for_budget", "mean_std", "summarise", "curve_rows",
+           "save_fraction_plot", "SYNTHETIC_ONLY"]
+
+SYNTHETIC_ONLY = "syn_only"
+
+
+def stratified_subset(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """Indices (sorted) of a seeded, class-stratified subset: ``round(fraction * n_c)`` images of each class c (at
+    least one of each class present).
+
+    Each class is shuffled by its own stream (``default_rng([seed, c])``) and the first images are kept, so for one
+    seed a smaller fraction's subset lies inside a larger one's (the 10 % set is part of the 25 % set): the curve over
+    fractions adds data, it does not redraw it.
+
+    Args:
+        labels: class labels, N (integers >= 0).
+        fraction: share of each class kept, in (0, 1].
+        seed: subset seed.
+
+    Raises:
+        ValueError: ``fraction`` outside (0, 1].
+    """
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+    labels = np.asarray(labels).reshape(-1)
+    keep = []
+    for c in np.unique(labels):
+        members = np.flatnonzero(labels == c)
+        order = np.random.default_rng([seed, int(c)]).permutation(members)
+        keep.append(order[:max(1, round(fraction * len(members)))])
+    return np.sort(np.concatenate(keep)) if keep else np.zeros(0, np.int64)
+
+
+@dataclass(frozen=True)
+class Regime:
+    """One training set: a fraction of the real train split (0 for none), with or without the synthetic images."""
+
+    real_fraction: float
+    synthetic: bool
+
+    @property
+    def name(self) -> str:
+        """Metrics-key prefix: ``syn_only``, ``real10``, ``real10_syn``, ``real12p5`` (no dots: DVC splits on them)."""
+        if self.real_fraction == 0:
+            return SYNTHETIC_ONLY
+        pct = f"{100 * self.real_fraction:g}".replace(".", "p")
+        return f"real{pct}" + ("_syn" if self.synthetic else "")
+
+
+def plan(fractions: Sequence[float]) -> list[Regime]:
+    """The regimes to train: synthetic only, then each real fraction (1.0 always: the train-on-real baseline) without
+    and with synthetic images; the full split without synthetic is the real-only baseline, trained once."""
+    fracs = sorted(set(float(f) for f in fractions) | {1.0})
+    return [Regime(0.0, True)] + [Regime(f, s) for f in fracs for s in (False, True)]
+
+
+def epochs_for_budget(n_train: int, batch_size: int, budget_steps: int) -> int:
+    """Whole epochs over ``n_train`` images whose optimiser steps come closest to ``budget_steps`` (at least 1)."""
+    steps_per_epoch = -(-n_train // batch_size)
+    return max(1, round(budget_steps / steps_per_epoch))
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (ddof 1; 0 for one value)."""
+    a = np.asarray(values, dtype=np.float64)
+    return float(a.mean()), float(a.std(ddof=1)) if len(a) > 1 else 0.0
+
+
+def _stats(prefix: str, per_seed: Sequence[float], seeds: Sequence[int]) -> dict[str, float]:
+    mean, std = mean_std(per_seed)
+    out = {f"{prefix}_mean": mean, f"{prefix}_std": std}
+    out.update({f"{prefix}_seed{s}": float(v) for s, v in zip(seeds, per_seed)})
+    return out
+
+
+def summarise(results: dict[Regime, list[dict[str, float]]], seeds: Sequence[int],
+              metrics: Sequence[str] = ("auc", "accuracy")) -> dict[str, float]:
+    """Flat metrics: per regime the mean, std and per-seed values of each test metric, the TSTR gap (real-only minus
+    synthetic-only) and the gain of adding synthetic images at each fraction, as paired per-seed differences.
+
+    Args:
+        results: regime -> one dict per seed (in ``seeds`` order) with the test metrics, ``n_train``, ``steps`` and
+            optionally ``wall_time_s`` (summed over seeds).
+        seeds: the seeds, for the key names.
+        metrics: test metrics to report.
+    """
+    out: dict[str, float] = {}
+    for regime, runs in results.items():
+        out[f"{regime.name}_n_train"] = int(runs[0]["n_train"])
+        out[f"{regime.name}_steps"] = int(runs[0]["steps"])
+        out[f"{regime.name}_wall_time_s"] = round(sum(r.get("wall_time_s", 0.0) for r in runs), 1)
+        for m in metrics:
+            out.update(_stats(f"{regime.name}_{m}", [r[m] for r in runs], seeds))
+    by_name = {r.name: runs for r, runs in results.items()}
+    for m in metrics:
+        diff = [a[m] - b[m] for a, b in zip(by_name["real100"], by_name[SYNTHETIC_ONLY])]
+        out[f"tstr_gap_{m}_mean"], out[f"tstr_gap_{m}_std"] = mean_std(diff)
+    for regime in results:
+        if regime.synthetic and regime.real_fraction > 0:
+            base = Regime(regime.real_fraction, False).name
+            for m in metrics:
+                diff = [a[m] - b[m] for a, b in zip(by_name[regime.name], by_name[base])]
+                out[f"gain_{base}_{m}_mean"], out[f"gain_{base}_{m}_std"] = mean_std(diff)
+    return out
+
+
+def curve_rows(summary: dict[str, float], fractions: Sequence[float]) -> list[dict[str, float]]:
+    """One row per real fraction for ``dvc plots``: test AUC and accuracy (mean, std) without and with synthetic."""
+    rows = []
+    for f in sorted(set(float(x) for x in fractions) | {1.0}):
+        real, mixed = Regime(f, False).name, Regime(f, True).name
+        row: dict[str, float] = {"real_fraction": f}
+        for m, short in (("auc", "auc"), ("accuracy", "acc")):
+            for label, name in (("real", real), ("real_synthetic", mixed)):
+                row[f"{short}_{label}"] = summary[f"{name}_{m}_mean"]
+                row[f"{short}_{label}_std"] = summary[f"{name}_{m}_std"]
+        rows.append(row)
+    return rows
+
+
+def save_fraction_plot(path: Path, rows: list[dict[str, float]], synthetic_only: dict[str, tuple[float, float]],
+                       title: str) -> None:
+    """Test AUC and accuracy against the real fraction (log axis), without and with synthetic images (error bars:
+    std over seeds), the synthetic-only result as a dashed line with its ±std band.
+
+    Args:
+        path: output PNG.
+        rows: :func:`curve_rows`.
+        synthetic_only: ``{"auc": (mean, std), "acc": (mean, std)}``.
+        title: figure title.
+    """
+    x = [r["real_fraction"] for r in rows]
+    fig, axes = plt.subplots(1, 2, figsize=(9.0, 3.6))
+    for ax, (key, label) in zip(axes, (("auc", "test AUC"), ("acc", "test accuracy"))):
+        for series, name in (("real", "real only"), ("real_synthetic", "real + synthetic")):
+            ax.errorbar(x, [r[f"{key}_{series}"] for r in rows], yerr=[r[f"{key}_{series}_std"] for r in rows],
+                        marker="o", capsize=4, label=name)
+        mean, std = synthetic_only[key]
+        ax.axhline(mean, color="grey", ls="--", lw=1, label="synthetic only")
+        ax.axhspan(mean - std, mean + std, color="grey", alpha=0.15, lw=0)
+        ax.set_xscale("log")
+        ax.set_xticks(x, [f"{100 * f:g} %" for f in x])
+        ax.minorticks_off()
+        ax.set_xlabel("share of the real train split")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100, format="png")
+    plt.close(fig)

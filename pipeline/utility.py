@@ -1,0 +1,192 @@
+"""Stage ``utility``: are the synthetic images useful for training? Train-on-synthetic, test-on-real, and low-data.
+
+The evaluator's recipe (:func:`pipeline.classifier.train_evaluator`: same network, augmentation, optimiser, EMA, and
+the same validation-based selection of the epoch by AUC and of the threshold by Youden's J on the real val split) is
+retrained on:
+
+- ``syn_only``: the label-matched synthetic cohort alone (same N and class counts as the real train split);
+- ``real<p>``: a stratified, seeded share p of the real train split (1.0 always: ``real100`` is the train-on-real
+  baseline, trained once), for each of ``fractions``;
+- ``real<p>_syn``: that same real subset plus the synthetic cohort (a stratified ``synthetic_fraction`` of it).
+
+Every run is scored on the real test split (AUC, and accuracy at the val-chosen threshold), once per seed (a seed
+draws the real subset and seeds the weights, batch order and augmentation; with and without synthetic images share
+the subset, so gains are paired per-seed differences). The TSTR gap is AUC(real100) - AUC(syn_only).
+
+Budget. ``budget: steps`` (default) gives every run the evaluator's number of optimiser steps (``classifier.epochs``
+passes over the real train split), rounded to whole epochs of its own training set: 10 % of the real data is seen
+about 10 times as often, and adding 4708 synthetic images does not buy extra steps, so a gain cannot come from longer
+training alone. ``budget: epochs`` keeps ``classifier.epochs`` passes over every training set instead (10 % real
+then trains 10 times fewer steps than 100 %, and +synthetic about 10 times more than 10 % alone).
+
+The recipe is read from the ``classifier`` section of the same params file (every key but ``seed``, so the runs
+cannot drift from the evaluator); this stage's own keys are in the ``utility`` section.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import time
+from pathlib import Path
+
+import numpy as np
+import typer
+from tqdm import tqdm
+
+from pipeline import train_classifier
+from pipeline.artifacts import atomic_outputs, write_json, write_tsv
+from pipeline.classifier import Recipe, binary_metrics, train_evaluator
+from pipeline.cli import PipelineError, load_section, params_option, read_params, run_stage
+from pipeline.data import CLASSES
+from pipeline.low_data import (Regime, curve_rows, epochs_for_budget, plan, save_fraction_plot, stratified_subset,
+                               summarise)
+
+SECTION = "utility"  # the params.yaml section this stage reads
+RECIPE_SECTION = "classifier"  # ... and the evaluator's recipe, read from its section
+RECIPE_KEYS = tuple(f.name for f in dataclasses.fields(Recipe))
+EXTRA_PARAMS = {RECIPE_SECTION: RECIPE_KEYS}  # params of other sections this stage reads (declared in dvc.yaml)
+app = typer.Typer(add_completion=False, help=__doc__)
+
+Split = tuple[np.ndarray, np.ndarray]
+
+
+class Budget(str, enum.Enum):
+    """What "the same training budget" holds fixed across training sets."""
+
+    steps = "steps"
+    epochs = "epochs"
+
+
+def read_recipe(params: Path) -> Recipe:
+    """The evaluator's recipe from the ``classifier`` section, checked as ``train_classifier`` checks it.
+
+    Raises:
+        PipelineError: the section is missing, has an unknown or mistyped key, or lacks a recipe key.
+    """
+    values = load_section(read_params(params), RECIPE_SECTION, [train_classifier.app])
+    missing = [k for k in RECIPE_KEYS if k not in values]
+    if missing:
+        keys = ", ".join(f"{RECIPE_SECTION}.{k}" for k in missing)
+        raise PipelineError(f"params section '{RECIPE_SECTION}' lacks {keys} (the utility stage retrains the "
+                            "evaluator's recipe from it)")
+    return Recipe.from_params(values)
+
+
+def load_cohort(samples: Path, train: Split) -> Split:
+    """The label-matched synthetic cohort; it must match the real train split's image size and class counts."""
+    path = samples / "cohort_matched.npz"
+    if not path.is_file():
+        raise PipelineError(f"{path} not found: run the sample stage first (dvc repro sample)")
+    with np.load(path) as z:
+        images, labels = z["images"], z["labels"].astype(np.int64)
+    counts, real_counts = np.bincount(labels, minlength=2), np.bincount(train[1], minlength=2)
+    if images.shape[1:] != train[0].shape[1:] or images.dtype != np.uint8:
+        raise PipelineError(f"{path} holds {images.dtype} images of {images.shape[1:]}, the real train split uint8 "
+                            f"{train[0].shape[1:]}: rerun the sample stage on this prepared data")
+    if len(counts) != 2 or not np.array_equal(counts, real_counts):
+        raise PipelineError(f"{path} is not label-matched to the real train split ({counts.tolist()} vs "
+                            f"{real_counts.tolist()} images per class {list(CLASSES)}): rerun the sample stage")
+    return images, labels
+
+
+def training_set(regime: Regime, seed: int, real: Split, synthetic: Split, synthetic_fraction: float) -> Split:
+    """The images and labels of one regime and seed: a real subset, then the synthetic images (if any)."""
+    parts = []
+    if regime.real_fraction > 0:
+        idx = stratified_subset(real[1], regime.real_fraction, seed)
+        parts.append((real[0][idx], real[1][idx]))
+    if regime.synthetic:
+        frac = synthetic_fraction if regime.real_fraction > 0 else 1.0  # syn_only: the whole cohort, same N as real
+        idx = stratified_subset(synthetic[1], frac, seed) if frac < 1.0 else np.arange(len(synthetic[1]))
+        parts.append((synthetic[0][idx], synthetic[1][idx]))
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+
+def train_and_test(train: Split, val: Split, test: Split, recipe: Recipe, seed: int, desc: str) -> dict[str, float]:
+    """Train the recipe on ``train`` (selection on ``val``); test AUC, accuracy, sensitivity, specificity, the training
+    set size, the optimiser steps, the selected epoch, its val AUC and the wall time."""
+    t0 = time.time()
+    evaluator, history, _ = train_evaluator(*train, *val, recipe, seed=seed, desc=desc)
+    scores = binary_metrics(evaluator.predict_proba(test[0]), test[1], evaluator.threshold)
+    steps = recipe.epochs * -(-len(train[1]) // recipe.batch_size)
+    best = max(history, key=lambda r: r["val_auc"])
+    return {**scores, "n_train": len(train[1]), "steps": steps, "best_epoch": best["epoch"], "val_auc": best["val_auc"],
+            "wall_time_s": time.time() - t0}
+
+
+def check_options(fractions: list[float], seeds: list[int], synthetic_fraction: float) -> None:
+    """Raises PipelineError on an empty or out-of-range ``utility.fractions`` / ``seeds`` / ``synthetic_fraction``."""
+    if not fractions or not all(0.0 < f <= 1.0 for f in fractions):
+        raise PipelineError(f"utility.fractions must be a non-empty list of shares in (0, 1], got {fractions}")
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise PipelineError(f"utility.seeds must be a non-empty list of distinct integers, got {seeds}")
+    if not 0.0 < synthetic_fraction <= 1.0:
+        raise PipelineError(f"utility.synthetic_fraction must be in (0, 1], got {synthetic_fraction}")
+
+
+@app.command()
+def main(
+    data: Path = typer.Option(..., help="Prepared real data (output of prepare): train, val and test splits."),
+    samples: Path = typer.Option(..., help="Samples folder (output of sample): cohort_matched.npz."),
+    metrics: Path = typer.Option(..., help="Output JSON: test AUC/accuracy per regime (mean, std, per seed), TSTR "
+                                           "gap, gains of synthetic images per real fraction, N and steps of each."),
+    curve: Path = typer.Option(..., help="Output TSV for dvc plots: AUC/accuracy vs real fraction, ± synthetic."),
+    figure: Path = typer.Option(..., help="Output PNG: AUC and accuracy vs real fraction, with error bars."),
+    params: Path = params_option(),
+    fractions: list[float] = typer.Option([0.1, 0.25, 1.0], help="Shares of the real train split (stratified); "
+                                                                 "1.0 is always run."),
+    seeds: list[int] = typer.Option([0, 1, 2], help="One run per seed and regime: real subset, weights, batches."),
+    synthetic_fraction: float = typer.Option(1.0, min=0.0, max=1.0,
+                                             help="Share of the synthetic cohort added to real data (stratified); "
+                                                  "syn_only always uses all of it."),
+    budget: Budget = typer.Option(Budget.steps, help="Held fixed across training sets: 'steps' (the evaluator's "
+                                                     "optimiser steps) or 'epochs' (classifier.epochs passes)."),
+) -> None:
+    """Retrain the evaluator recipe (params section classifier, less seed) on real, synthetic and mixed training sets
+    at several shares of the real train split; select on real val, test on real test; mean ± std over seeds.
+
+    Same budget (budget=steps, the default): every run makes the evaluator's number of optimiser steps
+    (classifier.epochs passes over the full real train split), rounded to whole epochs of its own set, so small sets
+    are seen more often and added synthetic images buy no extra steps. budget=epochs keeps classifier.epochs passes
+    over every set instead (10 % real then trains 10x fewer steps than 100 %).
+    """
+    t0 = time.time()
+    check_options(fractions, seeds, synthetic_fraction)
+    recipe = read_recipe(params)
+    real, val, test = (train_classifier.load_split(data, split) for split in ("train", "val", "test"))
+    synthetic = load_cohort(samples, real)
+    budget_steps = recipe.epochs * -(-len(real[1]) // recipe.batch_size)
+    regimes = plan(fractions)
+    results: dict[Regime, list[dict[str, float]]] = {r: [] for r in regimes}
+    runs = [(r, s) for r in regimes for s in seeds]
+    for regime, seed in tqdm(runs, desc="utility runs"):
+        train = training_set(regime, seed, real, synthetic, synthetic_fraction)
+        epochs = recipe.epochs if budget is Budget.epochs else epochs_for_budget(len(train[1]), recipe.batch_size,
+                                                                                  budget_steps)
+        scores = train_and_test(train, val, test, dataclasses.replace(recipe, epochs=epochs), seed,
+                                f"{regime.name} seed {seed}")
+        typer.echo(f"utility {regime.name} seed={seed} n_train={scores['n_train']} steps={scores['steps']} "
+                   f"test_auc={scores['auc']:.4f} test_accuracy={scores['accuracy']:.4f}", err=True)
+        results[regime].append(scores)
+    summary = summarise(results, seeds)
+    out = {k: round(v, 6) if isinstance(v, float) else v for k, v in summary.items()}
+    out.update({"n_real_train": len(real[1]), "n_synthetic": len(synthetic[1]), "n_val": len(val[1]),
+                "n_test": len(test[1]), "n_seeds": len(seeds), "budget_steps": budget_steps,
+                "wall_time_s": round(time.time() - t0, 1)})
+    rows = curve_rows(summary, fractions)
+    syn = {key: (summary[f"syn_only_{m}_mean"], summary[f"syn_only_{m}_std"]) for key, m in (("auc", "auc"),
+                                                                                             ("acc", "accuracy"))}
+    with atomic_outputs(metrics, curve, figure) as (tmp_metrics, tmp_curve, tmp_figure):
+        write_json(tmp_metrics, out)
+        write_tsv(tmp_curve, rows)
+        save_fraction_plot(tmp_figure, rows, syn, f"evaluator recipe on real test, {len(seeds)} seed(s), mean ± std; "
+                                                  f"budget: same {budget.value}")
+    gains = [f"{r.name} {out[f'gain_{r.name}_auc_mean']:+.4f} ± {out[f'gain_{r.name}_auc_std']:.4f}"
+             for r in regimes if r.real_fraction > 0 and not r.synthetic]
+    typer.echo(f"utility: TSTR gap AUC {out['tstr_gap_auc_mean']:+.4f} ± {out['tstr_gap_auc_std']:.4f}; AUC gain of "
+               f"synthetic images: {', '.join(gains)} -> {metrics}", err=True)
+
+
+if __name__ == "__main__":
+    run_stage(app, SECTION)

@@ -1,0 +1,144 @@
+"""The Optuna tune stage: its outputs and train_ldm's use of them, two worker processes on one study, failed trials,
+and a rerun that reproduces the best parameters (tiny profile)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import optuna
+import pytest
+import yaml
+
+from conftest import REPO, run, run_subprocess, write_params
+from pipeline import tuning
+from pipeline.train_ldm import NonFiniteLoss
+from pipeline.tuning import SEARCHED, create_study, open_storage, run_worker, summary
+
+def tune_args(ws, out, params) -> list:
+    """Arguments of the tune stage writing to folder ``out`` and files beside it."""
+    return ["--latents", ws / "data/latents", "--out", out, "--params", params,
+            "--metrics", f"{out}_tune.json", "--history", f"{out}_history.png", "--importance", f"{out}_importance.png"]
+
+
+def tiny_study(tmp_path, n_trials: int, trial_steps: int = 4, name: str = "s"):
+    """A study on the tiny profile's space, created as the stage creates it, in an SQLite file under ``tmp_path``."""
+    params = yaml.safe_load((REPO / "tests/params_tiny.yaml").read_text())
+    tune, ldm = params["tune"], params["ldm"]
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    space = {k: tune[k] for k in ("lr_range", "channel_options", "attention_options", "res_block_options")}
+    budget = {"n_trials": n_trials, "timeout_min": 0.0, "trial_steps": trial_steps, "eval_every": 2,
+              "startup_trials": 1, "pruner": "none"}
+    fixed = {k: ldm[k] for k in tuning.FIXED} | {"seed": tune["seed"]}
+    study, _ = create_study(open_storage(url), name, space, fixed, budget, ldm)
+    return url, study
+
+
+def test_tune_outputs_feed_train_ldm(pipeline_run):
+    best = yaml.safe_load((pipeline_run / "models/tune/best_params.yaml").read_text())
+    tune = yaml.safe_load(pipeline_run.params.read_text())["tune"]
+    assert set(best["ldm"]) == set(SEARCHED)
+    assert tune["lr_range"][0] <= best["ldm"]["lr"] <= tune["lr_range"][1]
+    assert ",".join(map(str, best["ldm"]["channels"])) in tune["channel_options"]
+    metrics = json.loads((pipeline_run / "metrics/tune.json").read_text())
+    assert metrics["trials_complete"] + metrics["trials_pruned"] + metrics["trials_failed"] == tune["n_trials"]
+    assert metrics["best_val_loss"] == pytest.approx(best["value"], abs=1e-6)
+    assert metrics["best_val_loss"] <= metrics["defaults_val_loss"]  # the defaults are trial 0 of the study
+    study = optuna.load_study(study_name=tune["study_name"],
+                              storage=f"sqlite:///{pipeline_run / 'models/tune/study.db'}")
+    assert study.trials[0].user_attrs["origin"] == "params.yaml defaults"
+    assert study.best_trial.number == best["trial"]
+    for png in ("tune_history.png", "tune_importance.png"):
+        assert (pipeline_run / "metrics/plots" / png).read_bytes()[:4] == b"\x89PNG"
+    config = json.loads((pipeline_run / "models/ldm/config.json").read_text())
+    assert config["args"]["channels"] == best["ldm"]["channels"]  # train_ldm built the tuned U-Net
+    assert config["args"]["num_res_blocks"] == best["ldm"]["num_res_blocks"]
+    assert config["training"]["lr"] == best["ldm"]["lr"]
+
+
+def test_rerun_reproduces_best_params(pipeline_run):
+    code = run("tune", tune_args(pipeline_run, pipeline_run / "models/tune_again", pipeline_run.params))
+    assert code == 0
+    first = yaml.safe_load((pipeline_run / "models/tune/best_params.yaml").read_text())
+    again = yaml.safe_load((pipeline_run / "models/tune_again/best_params.yaml").read_text())
+    assert again == first
+
+
+def test_two_worker_processes_share_one_study(pipeline_run, tmp_path):
+    n_trials = 6
+    url, study = tiny_study(tmp_path, n_trials, trial_steps=40)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "pipeline.tune_worker", "--storage", url, "--study", "s",
+           "--latents", str(pipeline_run / "data/latents"), "--quiet"]
+    procs = [subprocess.Popen(cmd + ["--index", str(i)], env=env, stderr=subprocess.PIPE, text=True)
+             for i in range(2)]
+    errs = [p.communicate(timeout=600)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], errs
+    ran = {p.pid: set(json.loads(re.search(r"ran trials (\[.*\])", e).group(1))) for p, e in zip(procs, errs)}
+    trials = optuna.load_study(study_name="s", storage=url).trials
+    numbers = [t.number for t in trials]
+    assert len(numbers) == len(set(numbers))  # no duplicated trial
+    assert n_trials <= len(trials) <= n_trials + 1  # the budget is shared (at most one trial in flight over it)
+    assert all(t.state in tuning.FINISHED for t in trials)
+    a, b = ran.values()
+    assert a and b and not a & b and a | b == set(numbers)  # both worked; the union of their trials is the study
+    for pid, mine in ran.items():
+        assert {t.user_attrs["worker"].split(":")[1] for t in trials if t.number in mine} == {str(pid)}
+
+
+def test_failed_and_non_finite_trials_are_recorded_and_the_study_goes_on(pipeline_run, tmp_path, monkeypatch):
+    url, study = tiny_study(tmp_path, n_trials=4)
+    real_fit, calls = tuning.fit, []
+
+    def flaky_fit(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("simulated crash")
+        if len(calls) == 2:
+            raise NonFiniteLoss("loss became nan at step 1", args[0])
+        return real_fit(*args, **kwargs)
+
+    monkeypatch.setattr(tuning, "fit", flaky_fit)
+    ran = run_worker(open_storage(url), "s", pipeline_run / "data/latents", progress=False)
+    assert ran == [0, 1, 2, 3]
+    states = [t.state for t in optuna.load_study(study_name="s", storage=url).trials]
+    assert states[:2] == [optuna.trial.TrialState.FAIL] * 2
+    assert states[2:] == [optuna.trial.TrialState.COMPLETE] * 2
+    result = summary(optuna.load_study(study_name="s", storage=url))
+    assert (result["n_failed"], result["n_complete"]) == (2, 2)
+    assert result["defaults_value"] is None  # trial 0 (the defaults) crashed
+
+
+def test_existing_study_is_a_clear_error(pipeline_run, tmp_path):
+    url, _ = tiny_study(tmp_path, n_trials=1)
+    params = write_params(tmp_path / "params.yaml", tune={"storage": url, "study_name": "s"})
+    proc = run_subprocess("tune", tune_args(pipeline_run, tmp_path / "out", params))
+    assert proc.returncode == 1
+    assert "a study named 's' already exists" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_train_ldm_rejects_a_bad_tuned_file(pipeline_run, tmp_path):
+    tuned = tmp_path / "best_params.yaml"
+    tuned.write_text(yaml.safe_dump({"ldm": {"lr": 0.001, "channel": [8, 16]}}))
+    proc = run_subprocess("train_ldm", ["--latents", pipeline_run / "data/latents", "--tuned", tuned,
+                                        "--out", tmp_path / "ldm", "--metrics", tmp_path / "m.json",
+                                        "--curve", tmp_path / "c.tsv", "--params", pipeline_run.params])
+    assert proc.returncode == 1 and "ldm.channel" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "ldm").exists()
+
+
+def test_stage_with_two_local_workers(pipeline_run, tmp_path):
+    params = write_params(tmp_path / "params.yaml", tune={"workers": 2, "n_trials": 5, "trial_steps": 30,
+                                                          "eval_every": 10})
+    proc = run_subprocess("tune", tune_args(pipeline_run, tmp_path / "tune", params))
+    assert proc.returncode == 0, proc.stderr
+    trials = optuna.load_study(study_name="ldm", storage=f"sqlite:///{tmp_path / 'tune/study.db'}").trials
+    assert 5 <= len(trials) <= 6 and len({t.number for t in trials}) == len(trials)
+    assert all(t.state in tuning.FINISHED for t in trials)
+    assert "exited with an error" not in proc.stderr  # the spawned worker exited cleanly
+    metrics = json.loads((tmp_path / "tune_tune.json").read_text())
+    assert metrics["workers"] == 2 and metrics["trials_complete"] + metrics["trials_pruned"] == len(trials)
