@@ -11,7 +11,7 @@ pneumonia → normal):
 - composition: SSIM between the source and a null edit (target = source label);
 - the same for two baselines at the ends of the trade-off: ``identity`` (strength 0: encode and decode only, what
   every edit pays for the autoencoder) and ``regenerate`` (a fresh sample of the target class from image i's seed,
-  which forgets the source);
+  made as the sample stage makes the cohorts, with its ``settings.json``; it forgets the source);
 - a sweep of the strength: flip rate and SSIM per strength, to choose an operating point.
 
 Reads the ``counterfactual`` section of params.yaml.
@@ -19,6 +19,7 @@ Reads the ``counterfactual`` section of params.yaml.
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -124,6 +125,8 @@ def main(
     ldm: Path = typer.Option(..., help="Diffusion model folder (output of train_ldm)."),
     autoencoder: Path = typer.Option(..., help="Autoencoder model folder."),
     classifier: Path = typer.Option(..., help="Evaluator model folder (output of train_classifier)."),
+    samples: Path = typer.Option(..., help="Samples folder of the sample stage: its settings.json (guidance, steps, "
+                                 "clamp, eta) makes the regenerate baseline as the cohorts were made."),
     out: Path = typer.Option(..., help="Output npz: sources, edits, edits back, null edits, labels, test indices."),
     metrics: Path = typer.Option(..., help="Output metrics JSON (per direction, baselines, sweep)."),
     curve: Path = typer.Option(..., help="Output TSV, one row per sweep strength, for dvc plots."),
@@ -186,8 +189,11 @@ def main(
     recon_back = edit(recon, tgt, src, 0.0, "identity baseline back")
     result.update({f"baseline_identity_{k}": v for k, v in
                    direction_scores(sources, src, recon, recon_back, recon, evaluator).items()})
-    regen = sampler.generate(tgt, seeds, guidance_scale, batch_size, desc="regenerate baseline")
-    regen_src = sampler.generate(src, seeds, guidance_scale, batch_size, desc="regenerate baseline, source")
+    cohort = json.loads((samples / "settings.json").read_text())
+    fresh = Sampler(ldm, autoencoder, cohort["num_inference_steps"], pick_device(), cohort["clip_denoised"],
+                    cohort["eta"])
+    regen = fresh.generate(tgt, seeds, cohort["guidance_scale"], batch_size, desc="regenerate baseline")
+    regen_src = fresh.generate(src, seeds, cohort["guidance_scale"], batch_size, desc="regenerate baseline, source")
     result.update({f"baseline_regenerate_{k}": v for k, v in
                    direction_scores(sources, src, regen, regen_src, regen_src, evaluator).items()})
 

@@ -44,15 +44,17 @@ def main(
     fmt: Format = typer.Option(Format.png, "--format", help="png, dicom (synthetic Secondary Capture) or both."),
     seed: int = typer.Option(0, help="Image i uses seed seed + i."),
     guidance_scale: float = typer.Option(3.0, min=0.0, help="Classifier-free guidance scale (1 = none)."),
-    steps: int = typer.Option(25, min=1, help="DDIM steps."),
+    steps: int = typer.Option(40, min=1, help="DDIM steps."),
     clip_denoised: float = typer.Option(2.5, min=0.0, help="Clamp DDIM's predicted clean latent to ±this at every "
                                         "step (normalised latent units; 0 = off; the cohorts use ldm.clip_denoised)."),
+    eta: float = typer.Option(1.0, min=0.0, help="DDIM stochasticity: 0 deterministic DDIM, 1 ancestral sampling on "
+                              "the DDIM grid (the cohorts use ldm.eta); the images still depend on their seeds only."),
     batch_size: int = typer.Option(64, min=1, help="Images per batch (does not change the images)."),
     ldm: Path = typer.Option(Path("models/ldm"), help="Diffusion model folder."),
     autoencoder: Path = typer.Option(Path("models/autoencoder"), help="Autoencoder model folder."),
 ) -> None:
     """Generate N images of the chosen class and write them as PNG and/or DICOM."""
-    sampler = Sampler(ldm, autoencoder, steps, pick_device(), clip_denoised)
+    sampler = Sampler(ldm, autoencoder, steps, pick_device(), clip_denoised, eta)
     labels = np.full(n, CLASSES.index(label.value), dtype=np.int64)
     seeds = [seed + i for i in range(n)]
     images = sampler.generate(labels, seeds, guidance_scale, batch_size)
@@ -61,7 +63,8 @@ def main(
         for image, s in zip(images, seeds):
             Image.fromarray(image, mode="L").save(out / f"{label.value}_seed{s:06d}.png")
     if fmt in (Format.dicom, Format.both):
-        desc = [f"label={label.value} seed={s} guidance={guidance_scale} ddim_steps={steps}" for s in seeds]
+        desc = [f"label={label.value} seed={s} guidance={guidance_scale} ddim_steps={steps} eta={eta:g}"
+                for s in seeds]
         write_synthetic_dicom(out / "dicom", images, [label.value] * n, desc)
     typer.echo(f"wrote {n} {label.value} images to {out}", err=True)
 

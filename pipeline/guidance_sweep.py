@@ -62,9 +62,10 @@ def main(
     params: Path = params_option(),
     scales: list[float] = typer.Option([1.0, 2.0, 3.0, 4.0, 6.0], help="Guidance scales to try."),
     n_images: int = typer.Option(1000, min=2, help="Images per scale (train class proportions)."),
-    num_inference_steps: int = typer.Option(25, min=1, help="DDIM steps (keep equal to ldm.num_inference_steps)."),
+    num_inference_steps: int = typer.Option(40, min=1, help="DDIM steps (keep equal to ldm.num_inference_steps)."),
     clip_denoised: float = typer.Option(2.5, min=0.0, help="Clamp of the predicted clean latent (keep equal to "
                                         "ldm.clip_denoised; 0 = off)."),
+    eta: float = typer.Option(1.0, min=0.0, help="DDIM stochasticity (keep equal to ldm.eta; 0 = deterministic)."),
     seed: int = typer.Option(0, help="Image i uses seed seed + i at every scale; also seeds the KID subsets."),
     batch_size: int = typer.Option(250, min=1, help="Images per sampling batch (no effect on the images)."),
 ) -> None:
@@ -74,7 +75,7 @@ def main(
         ref, ref_labels = z["features"], z["labels"]
     labels = stratified_labels(ref_labels, n_images)
     seeds = [seed + i for i in range(n_images)]
-    sampler = Sampler(ldm, autoencoder, num_inference_steps, pick_device(), clip_denoised)
+    sampler = Sampler(ldm, autoencoder, num_inference_steps, pick_device(), clip_denoised, eta)
     evaluator = load_classifier(classifier)
     rows, grids, out = [], [], {}
     show = np.concatenate([np.flatnonzero(labels == k)[:6] for k in range(len(CLASSES))])
@@ -96,7 +97,7 @@ def main(
             "KID vs train": {"KID": [r["kid"] for r in rows]},
             "label fidelity (evaluator)": {"accuracy": [r["label_fidelity_accuracy"] for r in rows],
                                            "AUC": [r["label_fidelity_auc"] for r in rows]}},
-            "guidance scale w", f"classifier-free guidance sweep, {num_inference_steps} DDIM steps")
+            "guidance scale w", f"classifier-free guidance sweep, {num_inference_steps} DDIM steps, eta {eta:g}")
         save_rows(tmp_grid, grids, "same seeds at each guidance scale (6 normal, then 6 pneumonia)")
 
 

@@ -1,7 +1,9 @@
 """Stage ``sample`` (sample cohorts) and the ``generate`` command: DDIM sampling with classifier-free guidance.
 
-Image i of a cohort starts from noise drawn with seed ``sample_seed + i``, so any image can be regenerated alone and a
-cohort does not depend on the batch size. Latents are decoded by the autoencoder, cropped back to the data size and
+Image i of a cohort starts from noise drawn with seed ``sample_seed + i``, and with ``eta`` > 0 (stochastic DDIM,
+Song et al. ICLR 2021, Eq. 16; eta 1 is ancestral DDPM on the DDIM grid) the noise added at each step comes from a
+generator of that image alone (:func:`step_seed`), so any image can be regenerated alone and a cohort does not depend
+on the batch size. Latents are decoded by the autoencoder, cropped back to the data size and
 quantised to uint8. Reads the sampling keys of the ``ldm`` section (the training keys belong to ``train_ldm``).
 """
 
@@ -28,11 +30,28 @@ SIBLINGS = ("pipeline.train_ldm",)
 app = typer.Typer(add_completion=False, help=__doc__)
 
 
+def step_seed(seed: int) -> int:
+    """Seed of the generator of image ``seed``'s per-step noise (stochastic DDIM), distinct from its initial noise
+    (seed itself) and from the DiffEdit mask draws of :func:`pipeline.editing.mask_seeds`."""
+    return int(np.random.SeedSequence([seed, 0]).generate_state(1)[0])
+
+
 class Sampler:
-    """The EMA diffusion U-Net, its DDIM schedule and the autoencoder's decoder, ready to make images."""
+    """The EMA diffusion U-Net, its DDIM schedule and the autoencoder's decoder, ready to make images.
+
+    Args:
+        ldm_dir: diffusion model folder; ae_dir: autoencoder folder.
+        num_inference_steps: DDIM steps of a full schedule.
+        device: where the networks run.
+        clip_denoised: clamp of DDIM's predicted clean latent while sampling (0 = off).
+        eta: DDIM stochasticity of :meth:`generate` (0 = deterministic DDIM, 1 = ancestral sampling on the DDIM grid).
+            Edits (:mod:`pipeline.editing`) are always deterministic.
+    """
 
     def __init__(self, ldm_dir: Path, ae_dir: Path, num_inference_steps: int, device: torch.device,
-                 clip_denoised: float = 0.0) -> None:
+                 clip_denoised: float = 0.0, eta: float = 0.0) -> None:
+        if eta < 0:
+            raise ValueError(f"DDIM eta must be >= 0, got {eta}")
         self.unet, self.config = load_model(ldm_dir, REGISTRY)
         self.ae, ae_config = load_model(ae_dir, REGISTRY)
         self.unet.to(device)
@@ -41,6 +60,7 @@ class Sampler:
         self.latent_size = ae_config["data"]["padded_size"] // 2 ** (len(ae_config["args"]["channels"]) - 1)
         self.scheduler = make_ddim(self.config["scheduler"], num_inference_steps, clip_denoised)
         self.clip_denoised = clip_denoised
+        self.eta = eta
         self.shift, self.scale = self.config["latent_shift"], self.config["latent_scale"]
         self.device = device
 
@@ -51,12 +71,28 @@ class Sampler:
         return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
 
     @torch.inference_mode()
-    def denoise(self, z: torch.Tensor, labels: torch.Tensor, guidance_scale: float) -> torch.Tensor:
-        """Run the DDIM reverse process (eta = 0, deterministic) from noise ``z`` to clean scaled latents."""
+    def denoise(self, z: torch.Tensor, labels: torch.Tensor, guidance_scale: float,
+                generators: list[torch.Generator] | None = None) -> torch.Tensor:
+        """Run the DDIM reverse process from noise ``z`` to clean normalised latents.
+
+        Args:
+            z: initial noise N×C×h×w.
+            labels: class of each image (0 normal, 1 pneumonia).
+            guidance_scale: classifier-free guidance scale.
+            generators: with ``self.eta`` > 0, one CPU generator per image for the noise of each step (each image's
+                trajectory then depends on its own generator only); ignored when eta is 0.
+        """
+        stochastic = self.eta > 0
+        if stochastic and (generators is None or len(generators) != len(z)):
+            raise ValueError("stochastic DDIM (eta > 0) needs one generator per image")
         z, labels = z.to(self.device), labels.to(self.device)
         for t in self.scheduler.timesteps:
             out = guided_output(self.unet, z, torch.as_tensor(t, device=self.device).long(), labels, guidance_scale)
-            z, _ = self.scheduler.step(out, int(t), z)
+            if stochastic:  # MONAI's step draws one noise tensor for the batch: step each image with its own generator
+                z = torch.cat([self.scheduler.step(out[i:i + 1].cpu(), int(t), z[i:i + 1].cpu(), self.eta, g)[0]
+                               for i, g in enumerate(generators)]).to(self.device)
+            else:
+                z, _ = self.scheduler.step(out, int(t), z)
         return z
 
     @torch.inference_mode()
@@ -76,7 +112,8 @@ class Sampler:
         out = []
         for i in tqdm(range(0, len(labels), batch_size), desc=desc, unit="batch"):
             z = self.initial_noise(seeds[i:i + batch_size])
-            z = self.denoise(z, torch.from_numpy(labels[i:i + batch_size]).long(), guidance_scale)
+            gens = [torch.Generator().manual_seed(step_seed(s)) for s in seeds[i:i + batch_size]]
+            z = self.denoise(z, torch.from_numpy(labels[i:i + batch_size]).long(), guidance_scale, gens)
             out.append(self.decode(z))
         return np.concatenate(out) if out else np.zeros((0, 0, 0), np.uint8)
 
@@ -106,9 +143,11 @@ def main(
     grid: Path = typer.Option(..., help="Output PNG grid of samples per class."),
     params: Path = params_option(),
     guidance_scale: float = typer.Option(3.0, min=0.0, help="Classifier-free guidance scale w (1 = no guidance)."),
-    num_inference_steps: int = typer.Option(50, min=1, help="DDIM steps."),
+    num_inference_steps: int = typer.Option(40, min=1, help="DDIM steps."),
     clip_denoised: float = typer.Option(2.5, min=0.0, help="Clamp DDIM's predicted clean latent to ±this at every "
                                         "step (normalised latent units; 0 = off)."),
+    eta: float = typer.Option(1.0, min=0.0, help="DDIM stochasticity: 0 deterministic DDIM, 1 ancestral sampling on "
+                              "the DDIM grid (fresh noise at each step, from each image's own seed)."),
     balanced_per_class: int = typer.Option(500, min=0, help="Images per class in the balanced cohort."),
     sample_seed: int = typer.Option(0, help="Image i of a cohort uses seed sample_seed + i."),
     sample_batch_size: int = typer.Option(256, min=1, help="Images per batch (no effect on the images)."),
@@ -117,7 +156,7 @@ def main(
 ) -> None:
     """Sample the label-matched and balanced cohorts; write arrays, a grid and sampling speed."""
     t0 = time.time()
-    sampler = Sampler(ldm, autoencoder, num_inference_steps, pick_device(), clip_denoised)
+    sampler = Sampler(ldm, autoencoder, num_inference_steps, pick_device(), clip_denoised, eta)
     with np.load(latents / "train.npz") as z:
         matched = label_matched(z["labels"])
     balanced = np.repeat(np.arange(len(CLASSES)), balanced_per_class)
@@ -134,13 +173,14 @@ def main(
             result[f"{name}_images_per_s"] = round(len(labels) / max(time.time() - t1, 1e-9), 3)
             if name == "matched":
                 save_rows(tmp_grid, [(c, images[labels == k][:12]) for k, c in enumerate(CLASSES)],
-                          f"samples, guidance {guidance_scale}, {num_inference_steps} DDIM steps")
+                          f"samples, guidance {guidance_scale}, {num_inference_steps} DDIM steps, eta {eta:g}")
             else:
                 export_dicom(tmp_out / "dicom", images, labels, seeds, dicom_per_class,
-                             f"guidance={guidance_scale} ddim_steps={num_inference_steps} clip={clip_denoised}")
+                             f"guidance={guidance_scale} ddim_steps={num_inference_steps} clip={clip_denoised} "
+                             f"eta={eta:g}")
         write_json(tmp_out / "settings.json", {"guidance_scale": guidance_scale, "sample_seed": sample_seed,
                                                  "num_inference_steps": num_inference_steps,
-                                                 "clip_denoised": clip_denoised})
+                                                 "clip_denoised": clip_denoised, "eta": eta})
         result["wall_time_s"] = round(time.time() - t0, 1)
         write_json(tmp_metrics, result)
 

@@ -2,8 +2,9 @@
 
 Both samplers use the same trained model, the same images (labels alternate, seeds 0..n-1), classifier-free guidance
 at the cohort's scale (the batch doubles in both) and the autoencoder decode: the default is DDIM with the cohort's
-``num_inference_steps``; the reference is ancestral DDPM over all ``ddpm_steps`` training steps, as in MONAI's
-tutorials. Reads the ``sampling_speed`` section; the DDIM settings come from the sample stage's ``settings.json``.
+``num_inference_steps`` and ``eta``; the reference is ancestral DDPM over all ``ddpm_steps`` training steps, as in
+MONAI's tutorials. Reads the ``sampling_speed`` section; the DDIM settings come from the sample stage's
+``settings.json``.
 """
 
 from __future__ import annotations
@@ -61,12 +62,14 @@ def main(
 ) -> None:
     """Time the default DDIM sampler and 1000-step DDPM on the same model and images."""
     settings = json.loads((samples / "settings.json").read_text())
-    sampler = Sampler(ldm, autoencoder, settings["num_inference_steps"], pick_device(), settings["clip_denoised"])
+    sampler = Sampler(ldm, autoencoder, settings["num_inference_steps"], pick_device(), settings["clip_denoised"],
+                      settings["eta"])
     labels, seeds = np.arange(n_images) % 2, list(range(n_images))
     w = settings["guidance_scale"]
     _, t_ddim = timed(sampler.generate, labels, seeds, w, n_images)
     _, t_ddpm = timed(ddpm_generate, sampler, labels, seeds, w, ddpm_steps)
-    out = {"ddim_steps": settings["num_inference_steps"], "ddim_images_per_s": round(n_images / t_ddim, 3),
+    out = {"ddim_steps": settings["num_inference_steps"], "ddim_eta": settings["eta"],
+           "ddim_images_per_s": round(n_images / t_ddim, 3),
            "ddpm_steps": ddpm_steps, "ddpm_images_per_s": round(n_images / t_ddpm, 4),
            "speedup_vs_ddpm": round(t_ddpm / t_ddim, 2), "n_images": n_images}
     with atomic_outputs(metrics) as (tmp,):

@@ -123,18 +123,42 @@ def test_sample_outputs(pipeline_run):
 
 def test_one_seed_per_image_and_determinism(pipeline_run):
     sampler = Sampler(pipeline_run / "models/ldm", pipeline_run / "models/autoencoder", 5, pick_device(),
-                      clip_denoised=2.5)  # the tiny profile's ldm.clip_denoised, as the cohort was made
+                      clip_denoised=2.5, eta=1.0)  # the tiny profile's ldm settings, as the cohort was made
     labels = np.array([0, 1, 1, 0, 1])
     seeds = [10, 11, 12, 13, 14]
     together = sampler.generate(labels, seeds, 2.0, batch_size=5)
     again = sampler.generate(labels, seeds, 2.0, batch_size=5)
     one_by_one = np.concatenate([sampler.generate(labels[i:i + 1], seeds[i:i + 1], 2.0, 1) for i in range(5)])
     np.testing.assert_array_equal(together, again)
-    np.testing.assert_allclose(together.astype(int), one_by_one.astype(int), atol=1)  # batch size: float rounding
+    # stochastic steps draw each image's noise from its own generator: the batch changes only float rounding
+    np.testing.assert_allclose(together.astype(int), one_by_one.astype(int), atol=1)
     cohort = np.load(pipeline_run / "data/samples/cohort_matched.npz")
     idx = [3, 20]
     regen = sampler.generate(cohort["labels"][idx], [int(s) for s in cohort["seeds"][idx]], 2.0, 2)
     np.testing.assert_allclose(regen.astype(int), cohort["images"][idx].astype(int), atol=1)
+    settings = json.loads((pipeline_run / "data/samples/settings.json").read_text())
+    assert settings["eta"] == 1.0 and settings["num_inference_steps"] == 5
+
+
+def test_eta_zero_is_deterministic_ddim_and_eta_adds_noise(pipeline_run):
+    """eta 0 is plain DDIM (no generator needed, seeds alone fix the image); eta > 0 changes the images, and the
+    noise of the steps is not the initial noise's generator (other step seeds give other images)."""
+    kw = dict(num_inference_steps=5, device=pick_device(), clip_denoised=2.5)
+    ddim = Sampler(pipeline_run / "models/ldm", pipeline_run / "models/autoencoder", eta=0.0, **kw)
+    stochastic = Sampler(pipeline_run / "models/ldm", pipeline_run / "models/autoencoder", eta=1.0, **kw)
+    labels, seeds = np.array([0, 1, 0, 1]), [0, 1, 2, 3]
+    z = ddim.initial_noise(seeds)
+    np.testing.assert_array_equal(ddim.decode(ddim.denoise(z, torch.from_numpy(labels), 2.0)),
+                                  ddim.generate(labels, seeds, 2.0, 4))
+    a = stochastic.generate(labels, seeds, 2.0, 4)
+    assert np.abs(a.astype(int) - ddim.generate(labels, seeds, 2.0, 4).astype(int)).mean() > 1
+    gens = [torch.Generator().manual_seed(99 + i) for i in range(4)]
+    other = stochastic.decode(stochastic.denoise(z, torch.from_numpy(labels), 2.0, gens))
+    assert np.abs(a.astype(int) - other.astype(int)).mean() > 1
+    with pytest.raises(ValueError, match="one generator per image"):
+        stochastic.denoise(z, torch.from_numpy(labels), 2.0)
+    with pytest.raises(ValueError, match="eta must be >= 0"):
+        Sampler(pipeline_run / "models/ldm", pipeline_run / "models/autoencoder", eta=-0.5, **kw)
 
 
 def test_sampling_speed_metrics(pipeline_run):
