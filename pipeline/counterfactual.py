@@ -125,8 +125,8 @@ def main(
     ldm: Path = typer.Option(..., help="Diffusion model folder (output of train_ldm)."),
     autoencoder: Path = typer.Option(..., help="Autoencoder model folder."),
     classifier: Path = typer.Option(..., help="Evaluator model folder (output of train_classifier)."),
-    samples: Path = typer.Option(..., help="Samples folder of the sample stage: its settings.json (guidance, steps, "
-                                 "clamp, eta) makes the regenerate baseline as the cohorts were made."),
+    cohort_settings: Path = typer.Option(..., help="The sample stage's settings.json (guidance, steps, clamp, eta): "
+                                         "the regenerate baseline is sampled as the cohorts were."),
     out: Path = typer.Option(..., help="Output npz: sources, edits, edits back, null edits, labels, test indices."),
     metrics: Path = typer.Option(..., help="Output metrics JSON (per direction, baselines, sweep)."),
     curve: Path = typer.Option(..., help="Output TSV, one row per sweep strength, for dvc plots."),
@@ -189,7 +189,7 @@ def main(
     recon_back = edit(recon, tgt, src, 0.0, "identity baseline back")
     result.update({f"baseline_identity_{k}": v for k, v in
                    direction_scores(sources, src, recon, recon_back, recon, evaluator).items()})
-    cohort = json.loads((samples / "settings.json").read_text())
+    cohort = json.loads(cohort_settings.read_text())
     fresh = Sampler(ldm, autoencoder, cohort["num_inference_steps"], pick_device(), cohort["clip_denoised"],
                     cohort["eta"])
     regen = fresh.generate(tgt, seeds, cohort["guidance_scale"], batch_size, desc="regenerate baseline")
