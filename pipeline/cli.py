@@ -7,6 +7,7 @@ the command line still wins. Paths are passed by ``dvc.yaml`` only.
 
 from __future__ import annotations
 
+import ctypes
 import enum
 import importlib
 import sys
@@ -18,7 +19,7 @@ from typing import Any, Callable, Sequence
 import typer
 import yaml
 
-__all__ = ["PipelineError", "PARAMS_OPTION", "stage_options", "load_section", "run_stage", "run_command"]
+__all__ = ["PipelineError", "PARAMS_OPTION", "stage_options", "load_section", "read_keys", "keep_freed_memory", "run_stage", "run_command"]
 
 PARAMS_OPTION = "params"
 """Name of the option every stage has that points at the params file."""
@@ -144,6 +145,47 @@ def _params_path(argv: Sequence[str]) -> Path:
     return Path("params.yaml")
 
 
+def read_keys(params: Path, section: str, keys: Sequence[str], apps: Sequence[typer.Typer],
+              reader: str) -> dict[str, Any]:
+    """Some keys of another stage's section (a stage's ``EXTRA_PARAMS``), type-checked as that stage checks them.
+
+    Args:
+        params: the params file.
+        section: the other stage's section, e.g. ``"ldm"``.
+        keys: the keys wanted; each must be there (no silent default for a key another stage owns).
+        apps: the Typer apps of the stages that own ``section`` (their options give the types).
+        reader: the stage that reads them, named in the error.
+
+    Raises:
+        PipelineError: the section lacks a key, or a value has the wrong type.
+    """
+    values = read_params(params).get(section) or {}
+    missing = [f"{section}.{k}" for k in keys if k not in values]
+    if missing:
+        raise PipelineError(f"params section '{section}' lacks {', '.join(missing)} (the {reader} stage reads them)")
+    return load_section({section: {k: values[k] for k in keys}}, section, apps)
+
+
+def keep_freed_memory() -> bool:
+    """Stop glibc's malloc from handing large freed blocks back to the kernel (Linux only; elsewhere a no-op).
+
+    By default every block over 32 MiB (an Inception batch of 50 images at 299 px is 54 MB) is mmap-ed and unmapped
+    again, so each batch pays for fresh zeroed pages: 30 % of the ``fid_ref`` stage's CPU time went to the kernel.
+    Keeping freed memory in the heap (``M_MMAP_MAX`` 0, trim threshold 1 GiB) cut that to 6 % and sped Inception up
+    by 30 % on 2 cores; results are bit-identical (only where memory comes from changes).
+
+    Returns:
+        True when the settings were applied.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    m_trim_threshold, m_top_pad, m_mmap_max = -1, -2, -4
+    return all(libc.mallopt(opt, val) == 1 for opt, val in
+               ((m_mmap_max, 0), (m_trim_threshold, 1 << 30), (m_top_pad, 256 << 20)))
+
+
 def run_stage(app: typer.Typer, section: str | None, siblings: Sequence[str] = (),
               argv: Sequence[str] | None = None) -> None:
     """Entry point of a stage: load and check its params section, then run its command with them as defaults.
@@ -154,6 +196,7 @@ def run_stage(app: typer.Typer, section: str | None, siblings: Sequence[str] = (
         siblings: modules (``"pipeline.sample"``) of other stages reading the same section, for the unknown-key check.
         argv: command-line arguments (default ``sys.argv[1:]``).
     """
+    keep_freed_memory()
     argv = list(sys.argv[1:] if argv is None else argv)
     prog = f"python -m pipeline.{Path(sys.argv[0]).stem}"
     try:
@@ -170,6 +213,7 @@ def run_stage(app: typer.Typer, section: str | None, siblings: Sequence[str] = (
 def run_command(app: typer.Typer) -> None:
     """Entry point of a user command outside DVC (``python -m pipeline.generate``...): a :class:`PipelineError`
     prints one ``error:`` line on stderr, without a traceback, and exits with its status."""
+    keep_freed_memory()
     try:
         app()
     except PipelineError as exc:

@@ -19,7 +19,6 @@ Reads the ``counterfactual`` section of params.yaml.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -189,11 +188,9 @@ def main(
     recon_back = edit(recon, tgt, src, 0.0, "identity baseline back")
     result.update({f"baseline_identity_{k}": v for k, v in
                    direction_scores(sources, src, recon, recon_back, recon, evaluator).items()})
-    cohort = json.loads(cohort_settings.read_text())
-    fresh = Sampler(ldm, autoencoder, cohort["num_inference_steps"], pick_device(), cohort["clip_denoised"],
-                    cohort["eta"])
-    regen = fresh.generate(tgt, seeds, cohort["guidance_scale"], batch_size, desc="regenerate baseline")
-    regen_src = fresh.generate(src, seeds, cohort["guidance_scale"], batch_size, desc="regenerate baseline, source")
+    fresh = Sampler.from_settings(ldm, autoencoder, cohort_settings, pick_device())
+    regen = fresh.generate(tgt, seeds, fresh.guidance_scale, batch_size, desc="regenerate baseline")
+    regen_src = fresh.generate(src, seeds, fresh.guidance_scale, batch_size, desc="regenerate baseline, source")
     result.update({f"baseline_regenerate_{k}": v for k, v in
                    direction_scores(sources, src, regen, regen_src, regen_src, evaluator).items()})
 

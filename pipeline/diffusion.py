@@ -14,8 +14,8 @@ from monai.networks.nets import DiffusionModelUNet
 from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
 
 __all__ = ["NULL_CLASS", "LATENT_NORMS", "latent_normalizer", "to_model_space", "from_model_space", "unet_args",
-           "scheduler_args", "make_ddpm", "make_ddim", "clip_denoised_latents", "training_target", "drop_labels",
-           "guided_output"]
+           "scheduler_args", "make_ddpm", "make_ddim", "clip_denoised_latents", "ddim_step", "training_target",
+           "snr_weights", "drop_labels", "guided_output"]
 
 NULL_CLASS = 2
 LATENT_NORMS = ("channel", "global")
@@ -98,11 +98,54 @@ def clip_denoised_latents(sched: DDIMScheduler | DDPMScheduler, clip: float) -> 
     return sched
 
 
+def ddim_step(sched: DDIMScheduler, out: torch.Tensor, t: int, z: torch.Tensor, eta: float,
+              noise: torch.Tensor) -> torch.Tensor:
+    """One stochastic DDIM step (Song et al., ICLR 2021, Eq. 12 with σ_t(η) of Eq. 16) for a whole batch, with the
+    noise given instead of drawn: the update of MONAI's ``DDIMScheduler.step(out, t, z, eta)``, term for term, so that
+    each image's noise can come from its own generator while the batch is stepped at once on the device.
+
+    Args:
+        sched: the DDIM scheduler (its prediction type and clamp of x̂0 apply).
+        out: the (guided) U-Net output at ``t``; z: the latents at ``t``.
+        eta: the stochasticity η (0 gives MONAI's deterministic step).
+        noise: standard normal noise shaped like ``z``, on its device.
+    """
+    if sched.prediction_type not in ("epsilon", "v_prediction"):
+        raise ValueError(f"ddim_step supports epsilon and v_prediction, not {sched.prediction_type}")
+    prev_t = t - sched.num_train_timesteps // sched.num_inference_steps
+    a_t = sched.alphas_cumprod[t]
+    a_prev = sched.alphas_cumprod[prev_t] if prev_t >= 0 else sched.final_alpha_cumprod
+    _, x0 = sched.step(out, t, z)  # MONAI's predicted clean latent, clamped as the scheduler says
+    eps = out if sched.prediction_type == "epsilon" else a_t ** 0.5 * out + (1 - a_t) ** 0.5 * z
+    variance = sched._get_variance(t, prev_t)
+    std = eta * variance ** 0.5
+    return a_prev ** 0.5 * x0 + (1 - a_prev - std ** 2) ** 0.5 * eps + variance ** 0.5 * eta * noise
+
+
 def training_target(sched: DDPMScheduler, z0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """What the U-Net regresses: the noise (epsilon) or the velocity v = α·ε − σ·z0 (Salimans & Ho, ICLR 2022)."""
     if sched.prediction_type == "v_prediction":
         return sched.get_velocity(z0, noise, t)
     return noise
+
+
+def snr_weights(sched: DDPMScheduler, t: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Min-SNR-γ loss weights per sample (Hang et al., "Efficient Diffusion Training via Min-SNR Weighting
+    Strategy", ICCV 2023): the loss at timestep t counts min(SNR(t), γ) times as much as an x0-prediction loss, so the
+    nearly noise-free timesteps, which are easy and dominate the gradient of a plain epsilon loss, stop crowding out
+    the rest. With SNR = ᾱ/(1 − ᾱ): epsilon target -> min(SNR, γ)/SNR, v target -> min(SNR, γ)/(SNR + 1).
+
+    Args:
+        sched: the training scheduler (its ᾱ and prediction type).
+        t: timesteps of the batch (N,).
+        gamma: the clamp γ (> 0; the paper's default is 5).
+    """
+    if gamma <= 0:
+        raise ValueError(f"min-SNR gamma must be > 0, got {gamma}")
+    a = sched.alphas_cumprod.to(t.device)[t].float()
+    snr = a / (1 - a)
+    clipped = torch.clamp(snr, max=gamma)
+    return clipped / (snr + 1) if sched.prediction_type == "v_prediction" else clipped / snr
 
 
 def drop_labels(labels: torch.Tensor, p: float, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -5,7 +5,9 @@ is sampled with the trained model and scored by Inception FID and KID against th
 evaluator's label fidelity (accuracy at its val threshold, AUC) against the requested labels. Low guidance keeps
 diversity but blurs the classes; high guidance sharpens the classes and loses diversity. The whole-cohort figure at
 one scale is what ``dvc exp run -S ldm.guidance_scale=W`` and the ``fid`` stage give; this stage trades N for a view
-of the whole curve in one run. Reads the ``guidance_sweep`` section of params.yaml.
+of the whole curve in one run. Reads the ``guidance_sweep`` section of params.yaml, and the sampler settings
+(``num_inference_steps``, ``clip_denoised``, ``eta``) from the ``ldm`` section, so the sweep always samples as the
+cohorts do.
 """
 
 from __future__ import annotations
@@ -19,15 +21,18 @@ import typer
 from pipeline.artifacts import atomic_outputs, write_json, write_tsv
 from pipeline.charts import save_panels
 from pipeline.classifier import binary_metrics, load_classifier
-from pipeline.cli import params_option, run_stage
+from pipeline.cli import params_option, read_keys, run_stage
 from pipeline.data import CLASSES
 from pipeline.fid import fid_from_features, inception_features
 from pipeline.models import pick_device
 from pipeline.plots import save_rows
 from pipeline.quality import kid
 from pipeline.sample import Sampler
+from pipeline.sample import app as sample_app
 
 SECTION = "guidance_sweep"  # the params.yaml section this stage reads
+SAMPLER_KEYS = ("num_inference_steps", "clip_denoised", "eta")
+EXTRA_PARAMS = {"ldm": SAMPLER_KEYS}  # ... and the cohort sampler's settings (declared in dvc.yaml)
 app = typer.Typer(add_completion=False, help=__doc__)
 
 
@@ -62,10 +67,6 @@ def main(
     params: Path = params_option(),
     scales: list[float] = typer.Option([1.0, 2.0, 3.0, 4.0, 6.0], help="Guidance scales to try."),
     n_images: int = typer.Option(1000, min=2, help="Images per scale (train class proportions)."),
-    num_inference_steps: int = typer.Option(40, min=1, help="DDIM steps (keep equal to ldm.num_inference_steps)."),
-    clip_denoised: float = typer.Option(2.5, min=0.0, help="Clamp of the predicted clean latent (keep equal to "
-                                        "ldm.clip_denoised; 0 = off)."),
-    eta: float = typer.Option(1.0, min=0.0, help="DDIM stochasticity (keep equal to ldm.eta; 0 = deterministic)."),
     seed: int = typer.Option(0, help="Image i uses seed seed + i at every scale; also seeds the KID subsets."),
     batch_size: int = typer.Option(250, min=1, help="Images per sampling batch (no effect on the images)."),
 ) -> None:
@@ -75,7 +76,9 @@ def main(
         ref, ref_labels = z["features"], z["labels"]
     labels = stratified_labels(ref_labels, n_images)
     seeds = [seed + i for i in range(n_images)]
-    sampler = Sampler(ldm, autoencoder, num_inference_steps, pick_device(), clip_denoised, eta)
+    cohort = read_keys(params, "ldm", SAMPLER_KEYS, [sample_app], "guidance_sweep")
+    sampler = Sampler(ldm, autoencoder, cohort["num_inference_steps"], pick_device(), cohort["clip_denoised"],
+                      cohort["eta"])
     evaluator = load_classifier(classifier)
     rows, grids, out = [], [], {}
     show = np.concatenate([np.flatnonzero(labels == k)[:6] for k in range(len(CLASSES))])
@@ -97,7 +100,8 @@ def main(
             "KID vs train": {"KID": [r["kid"] for r in rows]},
             "label fidelity (evaluator)": {"accuracy": [r["label_fidelity_accuracy"] for r in rows],
                                            "AUC": [r["label_fidelity_auc"] for r in rows]}},
-            "guidance scale w", f"classifier-free guidance sweep, {num_inference_steps} DDIM steps, eta {eta:g}")
+            "guidance scale w", f"classifier-free guidance sweep, {sampler.num_inference_steps} DDIM steps, "
+            f"eta {sampler.eta:g}")
         save_rows(tmp_grid, grids, "same seeds at each guidance scale (6 normal, then 6 pneumonia)")
 
 

@@ -9,6 +9,7 @@ quantised to uint8. Reads the sampling keys of the ``ldm`` section (the training
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -18,9 +19,9 @@ import typer
 from tqdm import tqdm
 
 from pipeline.artifacts import atomic_outputs, load_model, save_npz, write_json
-from pipeline.cli import params_option, run_stage
+from pipeline.cli import PipelineError, params_option, run_stage
 from pipeline.data import CLASSES, crop, to_uint8
-from pipeline.diffusion import from_model_space, guided_output, make_ddim, to_model_space
+from pipeline.diffusion import ddim_step, from_model_space, guided_output, make_ddim, to_model_space
 from pipeline.dicom import write_synthetic_dicom
 from pipeline.models import REGISTRY, pick_device
 from pipeline.plots import save_rows
@@ -59,10 +60,24 @@ class Sampler:
         self.pad = ae_config["data"]["pad"]
         self.latent_size = ae_config["data"]["padded_size"] // 2 ** (len(ae_config["args"]["channels"]) - 1)
         self.scheduler = make_ddim(self.config["scheduler"], num_inference_steps, clip_denoised)
-        self.clip_denoised = clip_denoised
-        self.eta = eta
+        self.num_inference_steps, self.clip_denoised, self.eta = num_inference_steps, clip_denoised, eta
         self.shift, self.scale = self.config["latent_shift"], self.config["latent_scale"]
         self.device = device
+        self.guidance_scale: float | None = None  # the cohort's, when made by from_settings
+
+    @classmethod
+    def from_settings(cls, ldm_dir: Path, ae_dir: Path, settings: Path, device: torch.device) -> "Sampler":
+        """The sampler exactly as the ``sample`` stage made the cohorts, from its ``settings.json``.
+
+        Returns:
+            the sampler; its ``guidance_scale`` attribute is the cohort's guidance scale.
+        """
+        if not settings.is_file():
+            raise PipelineError(f"{settings} not found: run the sample stage first (dvc repro sample)")
+        cohort = json.loads(settings.read_text())
+        sampler = cls(ldm_dir, ae_dir, cohort["num_inference_steps"], device, cohort["clip_denoised"], cohort["eta"])
+        sampler.guidance_scale = float(cohort["guidance_scale"])
+        return sampler
 
     def initial_noise(self, seeds: list[int]) -> torch.Tensor:
         """One latent of Gaussian noise per seed (each from its own generator)."""
@@ -88,9 +103,9 @@ class Sampler:
         z, labels = z.to(self.device), labels.to(self.device)
         for t in self.scheduler.timesteps:
             out = guided_output(self.unet, z, torch.as_tensor(t, device=self.device).long(), labels, guidance_scale)
-            if stochastic:  # MONAI's step draws one noise tensor for the batch: step each image with its own generator
-                z = torch.cat([self.scheduler.step(out[i:i + 1].cpu(), int(t), z[i:i + 1].cpu(), self.eta, g)[0]
-                               for i, g in enumerate(generators)]).to(self.device)
+            if stochastic:  # each image's noise from its own CPU generator, then one batched update on the device
+                noise = torch.stack([torch.randn(z.shape[1:], generator=g) for g in generators])
+                z = ddim_step(self.scheduler, out, int(t), z, self.eta, noise.to(self.device, z.dtype))
             else:
                 z, _ = self.scheduler.step(out, int(t), z)
         return z
@@ -112,7 +127,7 @@ class Sampler:
         out = []
         for i in tqdm(range(0, len(labels), batch_size), desc=desc, unit="batch"):
             z = self.initial_noise(seeds[i:i + batch_size])
-            gens = [torch.Generator().manual_seed(step_seed(s)) for s in seeds[i:i + batch_size]]
+            gens = [torch.Generator().manual_seed(step_seed(s)) for s in seeds[i:i + batch_size]] if self.eta else None
             z = self.denoise(z, torch.from_numpy(labels[i:i + batch_size]).long(), guidance_scale, gens)
             out.append(self.decode(z))
         return np.concatenate(out) if out else np.zeros((0, 0, 0), np.uint8)

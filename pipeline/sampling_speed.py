@@ -9,7 +9,6 @@ MONAI's tutorials. Reads the ``sampling_speed`` section; the DDIM settings come 
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -61,14 +60,12 @@ def main(
     ddpm_steps: int = typer.Option(1000, min=1, help="Steps of the reference DDPM sampler."),
 ) -> None:
     """Time the default DDIM sampler and 1000-step DDPM on the same model and images."""
-    settings = json.loads((samples / "settings.json").read_text())
-    sampler = Sampler(ldm, autoencoder, settings["num_inference_steps"], pick_device(), settings["clip_denoised"],
-                      settings["eta"])
+    sampler = Sampler.from_settings(ldm, autoencoder, samples / "settings.json", pick_device())
     labels, seeds = np.arange(n_images) % 2, list(range(n_images))
-    w = settings["guidance_scale"]
+    w = sampler.guidance_scale
     _, t_ddim = timed(sampler.generate, labels, seeds, w, n_images)
     _, t_ddpm = timed(ddpm_generate, sampler, labels, seeds, w, ddpm_steps)
-    out = {"ddim_steps": settings["num_inference_steps"], "ddim_eta": settings["eta"],
+    out = {"ddim_steps": sampler.num_inference_steps, "ddim_eta": sampler.eta,
            "ddim_images_per_s": round(n_images / t_ddim, 3),
            "ddpm_steps": ddpm_steps, "ddpm_images_per_s": round(n_images / t_ddpm, 4),
            "speedup_vs_ddpm": round(t_ddpm / t_ddim, 2), "n_images": n_images}

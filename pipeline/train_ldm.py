@@ -26,7 +26,7 @@ from tqdm import tqdm
 from pipeline.artifacts import atomic_outputs, save_model, seed_all, write_json, write_tsv
 from pipeline.cli import PipelineError, load_section, params_option, run_stage
 from pipeline.diffusion import (LATENT_NORMS, drop_labels, latent_normalizer, make_ddpm, scheduler_args,
-                                to_model_space, training_target, unet_args)
+                                snr_weights, to_model_space, training_target, unet_args)
 from pipeline.models import pick_device
 
 SECTION = "ldm"  # the params.yaml section this stage reads (shared with sample)
@@ -83,13 +83,17 @@ def lr_lambda(warmup: int, total: int):
 
 
 def diffusion_loss(unet: torch.nn.Module, sched, z0: torch.Tensor, labels: torch.Tensor,
-                   gen: torch.Generator) -> torch.Tensor:
-    """MSE between the U-Net output and its target at random timesteps, with noise from ``gen``."""
+                   gen: torch.Generator, min_snr_gamma: float = 0.0) -> torch.Tensor:
+    """MSE between the U-Net output and its target at random timesteps, with noise from ``gen``; each sample
+    weighted by :func:`pipeline.diffusion.snr_weights` when ``min_snr_gamma`` > 0 (0 = the plain MSE)."""
     noise = torch.randn(z0.shape, generator=gen).to(z0.device)
     t = torch.randint(0, sched.num_train_timesteps, (len(z0),), generator=gen).to(z0.device)
     zt = sched.add_noise(original_samples=z0, noise=noise, timesteps=t)
-    return torch.nn.functional.mse_loss(unet(zt, timesteps=t, class_labels=labels),
-                                        training_target(sched, z0, noise, t))
+    out, target = unet(zt, timesteps=t, class_labels=labels), training_target(sched, z0, noise, t)
+    if min_snr_gamma <= 0:
+        return torch.nn.functional.mse_loss(out, target)
+    per_sample = (out - target).pow(2).flatten(1).mean(1)
+    return (snr_weights(sched, t, min_snr_gamma) * per_sample).mean()
 
 
 @torch.inference_mode()
@@ -105,7 +109,8 @@ def validation_loss(model: torch.nn.Module, sched, z: torch.Tensor, y: torch.Ten
 def fit(unet: torch.nn.Module, sched, train: tuple[torch.Tensor, torch.Tensor], val: tuple[torch.Tensor, torch.Tensor],
         *, steps: int, eval_every: int, batch_size: int, lr: float, warmup_steps: int, grad_clip: float,
         label_dropout: float, ema_decay: float, seed: int, gen: torch.Generator, device: torch.device,
-        on_eval: Callable[[dict[str, float]], None] = lambda row: None, progress: bool = True) -> AveragedModel:
+        min_snr_gamma: float = 0.0, on_eval: Callable[[dict[str, float]], None] = lambda row: None,
+        progress: bool = True) -> AveragedModel:
     """Train ``unet`` for ``steps`` AdamW steps (shuffled passes over ``train``) and return its EMA model.
 
     Args:
@@ -115,6 +120,8 @@ def fit(unet: torch.nn.Module, sched, train: tuple[torch.Tensor, torch.Tensor], 
         steps: optimiser steps; the learning rate warms up linearly, then decays to 0 at ``steps`` (cosine).
         eval_every: steps between validation losses of the EMA weights (and after the last step).
         seed: seed of the fixed validation noise and timesteps (``seed + 1``, as train_ldm's per-epoch curve).
+        min_snr_gamma: Min-SNR-γ weighting of the training loss (0 = off); the validation loss is always the plain
+            MSE, so it stays comparable across weightings.
         gen: the generator of batch order, label dropout, noise and timesteps.
         on_eval: called with ``{"step", "epoch", "train_loss", "val_loss", "lr"}`` at each validation; it may raise
             (the tuning stage's pruner does) to stop training.
@@ -135,7 +142,7 @@ def fit(unet: torch.nn.Module, sched, train: tuple[torch.Tensor, torch.Tensor], 
         unet.train()
         idx = order[(step % per_pass) * batch_size:(step % per_pass + 1) * batch_size]
         labels = drop_labels(y_train[idx], label_dropout, gen).to(device)
-        loss = diffusion_loss(unet, sched, z_train[idx].to(device), labels, gen)
+        loss = diffusion_loss(unet, sched, z_train[idx].to(device), labels, gen, min_snr_gamma)
         if not torch.isfinite(loss):
             raise NonFiniteLoss(f"loss became {loss.item()} at step {step + 1}; lower ldm.lr or raise ldm.grad_clip",
                                 ema.module)
@@ -199,6 +206,8 @@ def main(
     latent_norm: str = typer.Option("channel", help="Latent normalisation: channel (each latent channel to zero "
                                     "mean, unit std) or global (one scale factor 1/std, as in Rombach et al.)."),
     label_dropout: float = typer.Option(0.15, min=0.0, max=1.0, help="P(label -> null class) in training."),
+    min_snr_gamma: float = typer.Option(0.0, min=0.0, help="Min-SNR-γ loss weighting (Hang et al., ICCV 2023; "
+                                        "5 in the paper); 0 = plain MSE. The val loss stays the plain MSE."),
     ema_decay: float = typer.Option(0.999, min=0.0, max=1.0, help="EMA decay of the weights."),
     epochs: int = typer.Option(50, min=1, help="Training epochs."),
     batch_size: int = typer.Option(64, min=1, help="Batch size."),
@@ -235,12 +244,14 @@ def main(
     try:
         ema = fit(unet, sched, data["train"], data["val"], steps=epochs * per_epoch, eval_every=per_epoch,
                   batch_size=batch_size, lr=hp["lr"], warmup_steps=warmup_steps, grad_clip=grad_clip,
-                  label_dropout=label_dropout, ema_decay=ema_decay, seed=seed, gen=gen, device=device, on_eval=log)
+                  label_dropout=label_dropout, ema_decay=ema_decay, seed=seed, gen=gen, device=device,
+                  min_snr_gamma=min_snr_gamma, on_eval=log)
     except NonFiniteLoss as exc:
         _save(out, metrics, curve, exc.ema, args, sargs, shift, scale, rows, t0)
         raise PipelineError(f"{exc} (epoch {len(rows) + 1}). The last good EMA weights were saved to {out}") from None
     _save(out, metrics, curve, ema.module, args, sargs, shift, scale, rows, t0, lr=hp["lr"], epochs=epochs,
           batch_size=batch_size, warmup_steps=warmup_steps, label_dropout=label_dropout, ema_decay=ema_decay,
+          min_snr_gamma=min_snr_gamma,
           tuned_from=str(tuned) if use_tuned and tuned is not None else None)
 
 

@@ -37,7 +37,7 @@ import yaml  # noqa: E402
 
 from pipeline import train_ldm  # noqa: E402
 from pipeline.artifacts import atomic_outputs, write_json  # noqa: E402
-from pipeline.cli import PipelineError, load_section, params_option, read_params, run_stage  # noqa: E402
+from pipeline.cli import PipelineError, params_option, read_keys, run_stage  # noqa: E402
 from pipeline.tuning import (FIXED, SEARCHED, STORAGE_ENV, create_study, open_storage, parse_attention,  # noqa: E402
                              parse_channels, resolve_storage, run_worker, summary)
 
@@ -48,11 +48,7 @@ app = typer.Typer(add_completion=False, help=__doc__)
 
 def ldm_settings(params: Path) -> dict:
     """The :data:`EXTRA_PARAMS` keys of the params file's ``ldm`` section, type-checked as train_ldm checks them."""
-    section = read_params(params).get("ldm") or {}
-    missing = [k for k in EXTRA_PARAMS["ldm"] if k not in section]
-    if missing:
-        raise PipelineError(f"params section 'ldm' lacks {', '.join(missing)} (the tune stage reads them)")
-    return load_section({"ldm": {k: section[k] for k in EXTRA_PARAMS["ldm"]}}, "ldm", [train_ldm.app])
+    return read_keys(params, "ldm", EXTRA_PARAMS["ldm"], [train_ldm.app], "tune")
 
 
 def _figure(path: Path, draw) -> None:

@@ -44,7 +44,7 @@ SEARCHED = ("lr", "channels", "attention_levels", "num_res_blocks")
 """The ``ldm`` keys a study searches (and that ``best_params.yaml`` sets for train_ldm)."""
 
 FIXED = ("num_head_channels", "norm_num_groups", "num_train_timesteps", "schedule", "prediction_type", "latent_norm",
-         "label_dropout", "ema_decay", "batch_size", "warmup_steps", "grad_clip")
+         "label_dropout", "min_snr_gamma", "ema_decay", "batch_size", "warmup_steps", "grad_clip")
 """The ``ldm`` keys every trial takes from params.yaml unchanged (the trials' seed is ``tune.seed``)."""
 
 FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL)
@@ -172,7 +172,8 @@ def _objective(trial: optuna.Trial, data: dict, attrs: dict[str, Any], worker: s
             batch_size=fixed["batch_size"], lr=hp["lr"],
             warmup_steps=min(fixed["warmup_steps"], budget["trial_steps"] // 10),
             grad_clip=fixed["grad_clip"], label_dropout=fixed["label_dropout"], ema_decay=fixed["ema_decay"],
-            seed=fixed["seed"], gen=gen, device=device, on_eval=report, progress=progress)
+            seed=fixed["seed"], gen=gen, device=device, min_snr_gamma=fixed["min_snr_gamma"],
+            on_eval=report, progress=progress)
     except NonFiniteLoss as exc:
         trial.set_user_attr("failure", str(exc))
         return float("nan")  # Optuna records a NaN objective as a failed trial and the study goes on

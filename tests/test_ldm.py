@@ -12,11 +12,13 @@ from monai.networks.nets import DiffusionModelUNet
 from torch.optim.swa_utils import AveragedModel
 
 from pipeline.artifacts import load_model
-from pipeline.diffusion import (NULL_CLASS, drop_labels, from_model_space, guided_output, latent_normalizer,
-                                to_model_space, unet_args)
+from pipeline.cli import PipelineError
+from pipeline.diffusion import (NULL_CLASS, ddim_step, drop_labels, from_model_space, guided_output,
+                                latent_normalizer, make_ddim, make_ddpm, scheduler_args, snr_weights, to_model_space,
+                                unet_args)
 from pipeline.models import REGISTRY, pick_device
 from pipeline.sample import Sampler
-from pipeline.train_ldm import ema_avg_fn
+from pipeline.train_ldm import diffusion_loss, ema_avg_fn
 
 
 @pytest.fixture(scope="module")
@@ -72,6 +74,50 @@ def test_label_dropout():
     assert (drop_labels(labels, 1.0) == NULL_CLASS).all()
     dropped = (drop_labels(labels, 0.3, torch.Generator().manual_seed(0)) == NULL_CLASS).float().mean().item()
     assert 0.25 < dropped < 0.35
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize("clip", [0.0, 2.5])
+def test_batched_stochastic_step_equals_monai_per_image(prediction_type, clip):
+    """ddim_step with each image's noise drawn from its own generator is MONAI's step of each image alone, bit for
+    bit, at the first, a middle and the last timestep."""
+    sched = make_ddim(scheduler_args(1000, "scaled_linear_beta", prediction_type), 40, clip)
+    z, out = torch.randn(5, 8, 16, 16), torch.randn(5, 8, 16, 16) * 3
+    for t in sched.timesteps[[0, 10, -1]].tolist():
+        ref = torch.cat([sched.step(out[i:i + 1], t, z[i:i + 1], 1.0, torch.Generator().manual_seed(7 + i))[0]
+                         for i in range(5)])
+        noise = torch.stack([torch.randn(z.shape[1:], generator=torch.Generator().manual_seed(7 + i))
+                             for i in range(5)])
+        assert torch.equal(ddim_step(sched, out, t, z, 1.0, noise), ref)
+        assert torch.equal(ddim_step(sched, out, t, z, 0.0, noise), sched.step(out, t, z)[0])
+
+
+def test_min_snr_weights():
+    for prediction_type in ("epsilon", "v_prediction"):
+        sched = make_ddpm(scheduler_args(1000, "scaled_linear_beta", prediction_type))
+        t = torch.tensor([0, 20, 100, 400, 999])
+        a = sched.alphas_cumprod[t]
+        snr = a / (1 - a)
+        w = snr_weights(sched, t, 5.0)
+        expected = torch.minimum(snr, torch.tensor(5.0)) / (snr + 1 if prediction_type == "v_prediction" else snr)
+        assert torch.allclose(w, expected)
+        assert (w <= 1 + 1e-6).all()
+        if prediction_type == "epsilon":  # the nearly clean timesteps count least; the noisiest fully
+            assert torch.all(w[:-1] <= w[1:]) and w[0] < 0.01 and w[-1] == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="gamma must be > 0"):
+        snr_weights(sched, t, 0.0)
+
+
+def test_min_snr_loss_weights_each_sample_and_zero_is_plain_mse(unet):
+    sched = make_ddpm(scheduler_args(1000, "scaled_linear_beta", "epsilon"))
+    z0, labels = torch.randn(6, 2, 16, 16), torch.tensor([0, 1] * 3)
+    plain = diffusion_loss(unet, sched, z0, labels, torch.Generator().manual_seed(3))
+    weighted = diffusion_loss(unet, sched, z0, labels, torch.Generator().manual_seed(3), 5.0)
+    gen = torch.Generator().manual_seed(3)  # the same draws, by hand
+    noise, t = torch.randn(z0.shape, generator=gen), torch.randint(0, 1000, (6,), generator=gen)
+    err = (unet(sched.add_noise(z0, noise, t), timesteps=t, class_labels=labels) - noise).pow(2).flatten(1).mean(1)
+    assert torch.allclose(plain, err.mean(), rtol=1e-5)
+    assert torch.allclose(weighted, (snr_weights(sched, t, 5.0) * err).mean(), rtol=1e-5)
 
 
 def test_ema_follows_the_decay_after_warm_up():
@@ -159,6 +205,21 @@ def test_eta_zero_is_deterministic_ddim_and_eta_adds_noise(pipeline_run):
         stochastic.denoise(z, torch.from_numpy(labels), 2.0)
     with pytest.raises(ValueError, match="eta must be >= 0"):
         Sampler(pipeline_run / "models/ldm", pipeline_run / "models/autoencoder", eta=-0.5, **kw)
+
+
+def test_sampler_from_settings_samples_as_the_cohorts(pipeline_run, tmp_path):
+    samples = pipeline_run / "data/samples"
+    settings = json.loads((samples / "settings.json").read_text())
+    sampler = Sampler.from_settings(pipeline_run / "models/ldm", pipeline_run / "models/autoencoder",
+                                    samples / "settings.json", pick_device())
+    assert (sampler.num_inference_steps, sampler.clip_denoised, sampler.eta, sampler.guidance_scale) == (
+        settings["num_inference_steps"], settings["clip_denoised"], settings["eta"], settings["guidance_scale"])
+    with np.load(samples / "cohort_balanced.npz") as c:
+        images, labels, seeds = c["images"][:3], c["labels"][:3], c["seeds"][:3].tolist()
+    np.testing.assert_array_equal(sampler.generate(labels, seeds, sampler.guidance_scale, 3), images)
+    with pytest.raises(PipelineError, match="run the sample stage"):
+        Sampler.from_settings(pipeline_run / "models/ldm", pipeline_run / "models/autoencoder",
+                              tmp_path / "settings.json", pick_device())
 
 
 def test_sampling_speed_metrics(pipeline_run):

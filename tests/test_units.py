@@ -13,7 +13,7 @@ import torch
 import typer
 
 from pipeline.artifacts import atomic_outputs, write_json
-from pipeline.cli import PipelineError, load_section
+from pipeline.cli import PipelineError, keep_freed_memory, load_section, read_keys
 from pipeline.data import crop, pad_amounts, pad_images, to_uint8
 from pipeline.fid import fid_from_features, frechet_distance
 from pipeline.models import kl_loss
@@ -115,6 +115,23 @@ def test_load_section_rejects_bad_values(values, message):
 def test_load_section_missing_section():
     with pytest.raises(PipelineError, match="section 's' is missing"):
         load_section({}, "s", [_app()])
+
+
+def test_read_keys_takes_another_sections_keys_type_checked(tmp_path):
+    params = tmp_path / "params.yaml"
+    params.write_text("s:\n  size: 3\n  lr: 0.5\n  other_stage_key: 1\n")
+    assert read_keys(params, "s", ["size", "lr"], [_app()], "reader") == {"size": 3, "lr": 0.5}
+    with pytest.raises(PipelineError, match=re.escape("lacks s.flag (the reader stage reads them)")):
+        read_keys(params, "s", ["size", "flag"], [_app()], "reader")
+    params.write_text("s:\n  size: 2.5\n")
+    with pytest.raises(PipelineError, match=re.escape("'s.size' must be an integer")):
+        read_keys(params, "s", ["size"], [_app()], "reader")
+
+
+def test_keep_freed_memory_applies_on_glibc():
+    import platform
+    # every mallopt call must be accepted where glibc is the C library (each stage calls it at start)
+    assert keep_freed_memory() is (platform.system() == "Linux" and platform.libc_ver()[0] == "glibc")
 
 
 def test_atomic_outputs_leave_nothing_on_failure(tmp_path):
