@@ -38,8 +38,8 @@ import yaml  # noqa: E402
 from pipeline import train_ldm  # noqa: E402
 from pipeline.artifacts import atomic_outputs, write_json  # noqa: E402
 from pipeline.cli import PipelineError, params_option, read_keys, run_stage  # noqa: E402
-from pipeline.tuning import (FIXED, SEARCHED, STORAGE_ENV, create_study, open_storage, parse_attention,  # noqa: E402
-                             parse_channels, resolve_storage, run_worker, summary)
+from pipeline.tuning import (FIXED, SEARCHED, STORAGE_ENV, create_study, ldm_values, open_storage,  # noqa: E402
+                             parse_attention, parse_channels, resolve_storage, run_worker, summary)
 
 SECTION = "tune"
 EXTRA_PARAMS = {"ldm": SEARCHED + FIXED}  # the keys of the ldm section this stage reads (the defaults, fixed settings)
@@ -144,10 +144,7 @@ def main(
             raise PipelineError(f"no trial of study {study_name!r} completed ({result['n_pruned']} pruned, "
                                 f"{result['n_failed']} failed); see the log above")
         best = result["best"]
-        tuned = {"lr": best.params["lr"], "channels": parse_channels(best.params["channels"]),
-                 "attention_levels": parse_attention(best.params["attention_levels"]),
-                 "num_res_blocks": best.params["num_res_blocks"]}
-        assert set(tuned) == set(SEARCHED)
+        tuned = ldm_values(best.params)
         (tmp_out / "best_params.yaml").write_text(yaml.safe_dump(
             {"ldm": tuned, "objective": f"val denoising loss of the EMA weights after {trial_steps} steps",
              "value": best.value, "trial": best.number, "study": study_name}, sort_keys=False))

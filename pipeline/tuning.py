@@ -34,7 +34,7 @@ from pipeline.diffusion import make_ddpm, scheduler_args, unet_args
 from pipeline.models import pick_device
 from pipeline.train_ldm import NonFiniteLoss, fit, load_train_val
 
-__all__ = ["STORAGE_ENV", "SEARCHED", "FIXED", "resolve_storage", "open_storage", "parse_channels",
+__all__ = ["STORAGE_ENV", "SEARCHED", "FIXED", "resolve_storage", "open_storage", "parse_channels", "ldm_values",
            "parse_attention", "make_sampler", "make_pruner", "suggest", "create_study", "run_worker", "summary"]
 
 STORAGE_ENV = "CXR_TUNE_STORAGE"
@@ -101,14 +101,21 @@ def make_pruner(name: str, n_startup_trials: int, eval_every: int, steps: int) -
     raise PipelineError(f"params key 'tune.pruner' must be median, hyperband or none, got {name!r}")
 
 
+def ldm_values(trial_params: dict[str, Any]) -> dict[str, Any]:
+    """A trial's parameters as the study records them -> the :data:`SEARCHED` ``ldm`` values (the inverse of
+    :func:`_as_trial_params`)."""
+    return {"lr": trial_params["lr"], "channels": parse_channels(trial_params["channels"]),
+            "attention_levels": parse_attention(trial_params["attention_levels"]),
+            "num_res_blocks": trial_params["num_res_blocks"]}
+
+
 def suggest(trial: optuna.Trial, space: dict[str, Any]) -> dict[str, Any]:
     """Draw the :data:`SEARCHED` ``ldm`` keys of one trial from ``space`` (the study's ``space`` attribute)."""
-    channels = trial.suggest_categorical("channels", space["channel_options"])
-    attention = trial.suggest_categorical("attention_levels", space["attention_options"])
-    return {"lr": trial.suggest_float("lr", *space["lr_range"], log=True),
-            "channels": parse_channels(channels),
-            "attention_levels": parse_attention(attention),
-            "num_res_blocks": trial.suggest_categorical("num_res_blocks", space["res_block_options"])}
+    return ldm_values({  # the order of the draws is the sampler's random stream: keep it
+        "channels": trial.suggest_categorical("channels", space["channel_options"]),
+        "attention_levels": trial.suggest_categorical("attention_levels", space["attention_options"]),
+        "lr": trial.suggest_float("lr", *space["lr_range"], log=True),
+        "num_res_blocks": trial.suggest_categorical("num_res_blocks", space["res_block_options"])})
 
 
 def _as_trial_params(ldm: dict[str, Any]) -> dict[str, Any]:
