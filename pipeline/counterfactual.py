@@ -33,8 +33,10 @@ from pipeline.classifier import Evaluator, load_classifier
 from pipeline.cli import PipelineError, params_option, run_stage
 from pipeline.data import CLASSES
 from pipeline.diffmaps import save_edit_rows
-from pipeline.editing import (EditSettings, GuidanceReference, InversionLabel, Mask, Method, edit_images, flips_to,
-                              similarity)
+from pipeline.editing import (CLIP_DENOISED_OPTION, GUIDANCE_REFERENCE_OPTION, GUIDANCE_SCALE_OPTION,
+                              INVERSION_LABEL_OPTION, MASK_NOISE_DRAWS_OPTION, MASK_OPTION, MASK_THRESHOLD_OPTION,
+                              METHOD_OPTION, STRENGTH_OPTION, EditSettings, GuidanceReference, InversionLabel, Mask,
+                              Method, edit_images, flips_to, similarity)
 from pipeline.fid_ref import real_uint8
 from pipeline.models import pick_device
 from pipeline.sample import Sampler
@@ -134,26 +136,17 @@ def main(
     params: Path = params_option(),
     n_per_class: Optional[int] = typer.Option(100, min=1, help="Real test images edited per class (a seeded "
                                               "subset); null edits all of them."),
-    strength: float = typer.Option(0.5, min=0.0, max=1.0, help="Edit strength t0: the fraction of the diffusion "
-                                   "schedule the edit goes up (0 = autoencoder round trip, 1 = from noise)."),
-    method: Method = typer.Option(Method.ddim_inversion, help="ddim_inversion (deterministic, keeps the image) or "
-                                  "sdedit (fresh noise to t0, then denoise)."),
-    inversion_label: InversionLabel = typer.Option(InversionLabel.source, help="Label the DDIM inversion is "
-                                                   "conditioned on: source, or unconditional (the null class)."),
-    guidance_scale: float = typer.Option(3.0, min=0.0, help="Classifier-free guidance towards the target label."),
+    strength: float = STRENGTH_OPTION,
+    method: Method = METHOD_OPTION,
+    inversion_label: InversionLabel = INVERSION_LABEL_OPTION,
+    guidance_scale: float = GUIDANCE_SCALE_OPTION,
     num_inference_steps: int = typer.Option(50, min=1, help="DDIM steps of a full schedule; an edit of strength "
                                             "t0 runs about t0 x this many steps up and as many down."),
-    guidance_reference: GuidanceReference = typer.Option(
-        GuidanceReference.unconditional, help="What guidance extrapolates from: unconditional (usual classifier-free "
-        "guidance) or source (only what differs between the source and target predictions is amplified)."),
-    clip_denoised: float = typer.Option(2.5, min=0.0, help="Clamp the predicted clean latent to ±this while "
-                                        "denoising (0 = off; the inversion never clamps; as ldm.clip_denoised)."),
-    mask: Mask = typer.Option(Mask.none, help="none (the whole image may change) or diffedit (only where the target "
-                              "and source labels' noise predictions disagree; outside, the source latent is kept)."),
-    mask_threshold: float = typer.Option(0.5, min=0.0, max=1.0, help="DiffEdit mask: cells whose normalised "
-                                         "disagreement (0-1 per image) is at least this are edited; lower = larger."),
-    mask_noise_draws: int = typer.Option(4, min=1, help="DiffEdit mask: noise draws the disagreement is averaged "
-                                         "over."),
+    guidance_reference: GuidanceReference = GUIDANCE_REFERENCE_OPTION,
+    clip_denoised: float = CLIP_DENOISED_OPTION,
+    mask: Mask = MASK_OPTION,
+    mask_threshold: float = MASK_THRESHOLD_OPTION,
+    mask_noise_draws: int = MASK_NOISE_DRAWS_OPTION,
     sweep_strengths: list[float] = typer.Option([0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8], help="Strengths of the "
                                                 "sweep (flip rate and SSIM per strength)."),
     seed: int = typer.Option(0, help="Seeds the choice of test images; image i uses seed + i for noise (SDEdit, "

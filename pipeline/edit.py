@@ -27,7 +27,10 @@ from pipeline.cli import PipelineError
 from pipeline.data import CLASSES
 from pipeline.diffmaps import save_edit_rows
 from pipeline.edit_io import apply_change, derived_dicom, model_view, read_image, unflip, write_png
-from pipeline.editing import EditSettings, GuidanceReference, InversionLabel, Mask, Method, edit_images
+from pipeline.editing import (CLIP_DENOISED_OPTION, GUIDANCE_REFERENCE_OPTION, GUIDANCE_SCALE_OPTION,
+                              INVERSION_LABEL_OPTION, MASK_NOISE_DRAWS_OPTION, MASK_OPTION, MASK_THRESHOLD_OPTION,
+                              METHOD_OPTION, STRENGTH_OPTION, EditSettings, GuidanceReference, InversionLabel, Mask,
+                              Method, edit_images)
 from pipeline.generate import Label
 from pipeline.models import pick_device
 from pipeline.sample import Sampler
@@ -53,30 +56,20 @@ def main(
                                "its content) or a PNG / any grey or colour image Pillow reads."),
     target: Label = typer.Option(..., help="Clinical status to edit the image to."),
     out: Path = typer.Option(..., help="Output folder (created if absent) for the edit and the difference map."),
-    strength: float = typer.Option(0.45, min=0.0, max=1.0, help="Edit strength t0, the fraction of the diffusion "
-                                   "schedule the edit goes up: higher changes more (0 = autoencoder round trip). "
-                                   "metrics/plots/counterfactual_sweep.png shows flip rate against SSIM per t0."),
+    strength: float = STRENGTH_OPTION,
     source: Optional[Label] = typer.Option(None, help="Clinical status of the input image; default: the other "
                                            "class than --target. Conditions the inversion (--inversion-label "
                                            "source) and the edit back."),
-    method: Method = typer.Option(Method.ddim_inversion, help="ddim_inversion (deterministic, keeps the anatomy) "
-                                  "or sdedit (fresh noise to t0, then denoise)."),
-    inversion_label: InversionLabel = typer.Option(InversionLabel.source, help="Label the DDIM inversion is "
-                                                   "conditioned on: source, or unconditional (the null class)."),
-    guidance_scale: float = typer.Option(7.0, min=0.0, help="Classifier-free guidance towards the target (1 = none)."),
+    method: Method = METHOD_OPTION,
+    inversion_label: InversionLabel = INVERSION_LABEL_OPTION,
+    guidance_scale: float = GUIDANCE_SCALE_OPTION,
     steps: int = typer.Option(50, min=1, help="DDIM steps of a full schedule (an edit runs about t0 x steps up "
                               "and as many down)."),
-    guidance_reference: GuidanceReference = typer.Option(
-        GuidanceReference.unconditional, help="What guidance extrapolates from: unconditional (usual classifier-free "
-        "guidance) or source (only what differs between the source and target predictions is amplified)."),
-    clip_denoised: float = typer.Option(0.0, min=0.0, help="Clamp the predicted clean latent to ±this while "
-                                        "denoising (normalised latent units, 0 = off; the inversion never clamps)."),
-    mask: Mask = typer.Option(Mask.none, help="none (the whole image may change) or diffedit (only where the target "
-                              "and source labels' noise predictions disagree; outside, the source latent is kept)."),
-    mask_threshold: float = typer.Option(0.3, min=0.0, max=1.0, help="DiffEdit mask: cells whose normalised "
-                                         "disagreement (0-1 per image) is at least this are edited; lower = larger."),
-    mask_noise_draws: int = typer.Option(4, min=1, help="DiffEdit mask: noise draws the disagreement is averaged "
-                                         "over."),
+    guidance_reference: GuidanceReference = GUIDANCE_REFERENCE_OPTION,
+    clip_denoised: float = CLIP_DENOISED_OPTION,
+    mask: Mask = MASK_OPTION,
+    mask_threshold: float = MASK_THRESHOLD_OPTION,
+    mask_noise_draws: int = MASK_NOISE_DRAWS_OPTION,
     seed: int = typer.Option(0, help="Seed of the SDEdit noise and of the DiffEdit mask's noise draws (DDIM "
                              "inversion itself is deterministic)."),
     ldm: Path = typer.Option(Path("models/ldm"), help="Diffusion model folder."),

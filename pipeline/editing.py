@@ -41,6 +41,7 @@ from enum import Enum
 import numpy as np
 import torch
 import torch.nn.functional as F
+import typer
 from monai.networks.schedulers import DDIMScheduler
 from torchmetrics.functional.image import structural_similarity_index_measure
 from tqdm import tqdm
@@ -52,7 +53,9 @@ from pipeline.sample import Sampler
 __all__ = ["Method", "InversionLabel", "GuidanceReference", "Mask", "EditSettings", "edit_timesteps", "invert",
            "invert_trajectory", "mask_seeds", "diffedit_mask",
            "contrast_output", "denoise_from", "noise_to", "edit_latents", "unclamped", "model_input", "edit_images",
-           "similarity", "flips_to"]
+           "similarity", "flips_to", "STRENGTH_OPTION", "METHOD_OPTION", "INVERSION_LABEL_OPTION",
+           "GUIDANCE_SCALE_OPTION", "GUIDANCE_REFERENCE_OPTION", "MASK_OPTION", "MASK_THRESHOLD_OPTION",
+           "MASK_NOISE_DRAWS_OPTION", "CLIP_DENOISED_OPTION"]
 
 PSNR_CAP_DB = 100.0
 """PSNR of identical images is infinite; JSON metrics must be finite, so per-image PSNR is capped here."""
@@ -124,6 +127,29 @@ class EditSettings:
             raise PipelineError(f"edit mask_threshold must be in [0, 1], got {self.mask_threshold}")
         if self.mask_noise_draws < 1:
             raise PipelineError(f"edit mask_noise_draws must be at least 1, got {self.mask_noise_draws}")
+
+
+# Command-line options of an edit, shared by the counterfactual stage and the edit command (one help text each; the
+# defaults are the val-chosen settings of params.yaml's counterfactual section, which the stage reads instead).
+STRENGTH_OPTION = typer.Option(0.45, min=0.0, max=1.0, help="Edit strength t0: the fraction of the diffusion "
+                               "schedule the edit goes up; higher changes more (0 = autoencoder round trip, 1 = from "
+                               "noise). metrics/plots/counterfactual_sweep.png shows flip rate against SSIM per t0.")
+METHOD_OPTION = typer.Option(Method.ddim_inversion, help="ddim_inversion (deterministic, keeps the anatomy) or "
+                             "sdedit (fresh noise to t0, then denoise).")
+INVERSION_LABEL_OPTION = typer.Option(InversionLabel.source, help="Label the DDIM inversion is conditioned on: "
+                                      "source, or unconditional (the null class).")
+GUIDANCE_SCALE_OPTION = typer.Option(7.0, min=0.0, help="Classifier-free guidance towards the target label "
+                                     "(1 = none).")
+GUIDANCE_REFERENCE_OPTION = typer.Option(
+    GuidanceReference.unconditional, help="What guidance extrapolates from: unconditional (usual classifier-free "
+    "guidance) or source (only what differs between the source and target predictions is amplified).")
+MASK_OPTION = typer.Option(Mask.none, help="none (the whole image may change) or diffedit (only where the target "
+                           "and source labels' noise predictions disagree; outside, the source latent is kept).")
+MASK_THRESHOLD_OPTION = typer.Option(0.3, min=0.0, max=1.0, help="DiffEdit mask: cells whose normalised "
+                                     "disagreement (0-1 per image) is at least this are edited; lower = larger.")
+MASK_NOISE_DRAWS_OPTION = typer.Option(4, min=1, help="DiffEdit mask: noise draws the disagreement is averaged over.")
+CLIP_DENOISED_OPTION = typer.Option(0.0, min=0.0, help="Clamp the predicted clean latent to ±this while denoising "
+                                    "(normalised latent units, 0 = off; the inversion never clamps).")
 
 
 def edit_timesteps(scheduler: DDIMScheduler, strength: float) -> list[int]:
