@@ -10,6 +10,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from pipeline.plots import finish_figure  # noqa: E402
+
 __all__ = ["save_panels"]
 
 
@@ -37,8 +39,4 @@ def save_panels(path: Path, x: Sequence[float], panels: dict[str, dict[str, Sequ
         ax.set_title(name, fontsize=10)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    if title:
-        fig.suptitle(title, fontsize=11)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100, format="png")
-    plt.close(fig)
+    finish_figure(fig, path, title, 11)

@@ -11,6 +11,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from pipeline.plots import bare_axis  # noqa: E402
+
 __all__ = ["signed_difference", "save_edit_rows"]
 
 DIFF_CMAP = "RdBu_r"  # diverging: red = brighter in the edit (more opacity on a radiograph), blue = darker
@@ -19,13 +21,6 @@ DIFF_CMAP = "RdBu_r"  # diverging: red = brighter in the edit (more opacity on a
 def signed_difference(edit: np.ndarray, source: np.ndarray) -> np.ndarray:
     """``edit − source`` of uint8 images, as float in [−1, 1]."""
     return (edit.astype(np.float32) - source.astype(np.float32)) / 255.0
-
-
-def _bare(ax: plt.Axes) -> None:
-    ax.set_xticks([])
-    ax.set_yticks([])
-    for spine in ax.spines.values():
-        spine.set_visible(False)
 
 
 def save_edit_rows(path: Path, sources: np.ndarray, edits: np.ndarray, row_labels: Sequence[str], title: str = "",
@@ -52,7 +47,7 @@ def save_edit_rows(path: Path, sources: np.ndarray, edits: np.ndarray, row_label
         shown = [sources[r], edits[r], diffs[r]] + ([backs[r]] if backs is not None else [])
         for c, image in enumerate(shown):
             ax = axes[r, c]
-            _bare(ax)
+            bare_axis(ax)
             if c == 2:
                 heat = ax.imshow(image, cmap=DIFF_CMAP, vmin=-vmax, vmax=vmax, interpolation="nearest")
             else:

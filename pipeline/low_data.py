@@ -13,6 +13,8 @@ import numpy as np
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from pipeline.plots import finish_figure  # noqa: E402
+
 __all__ = ["Regime", "plan", "stratified_subset", "epochs_for_budget", "mean_std", "summarise", "curve_rows",
            "save_fraction_plot", "SYNTHETIC_ONLY"]
 
@@ -160,7 +162,4 @@ def save_fraction_plot(path: Path, rows: list[dict[str, float]], synthetic_only:
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100, format="png")
-    plt.close(fig)
+    finish_figure(fig, path, title)

@@ -12,6 +12,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from pipeline.plots import bare_axis, finish_figure  # noqa: E402
+
 __all__ = ["PairBlock", "save_pairs", "save_histograms"]
 
 
@@ -24,13 +26,6 @@ class PairBlock:
     top: np.ndarray
     bottom: np.ndarray
     captions: Sequence[str]
-
-
-def _blank(ax: plt.Axes) -> None:
-    ax.set_xticks([])
-    ax.set_yticks([])
-    for spine in ax.spines.values():
-        spine.set_visible(False)
 
 
 def save_pairs(path: Path, blocks: Sequence[PairBlock], title: str = "", cell: float = 0.9) -> None:
@@ -49,17 +44,13 @@ def save_pairs(path: Path, blocks: Sequence[PairBlock], title: str = "", cell: f
         for row, (label, imgs) in enumerate(((block.top_label, block.top), (block.bottom_label, block.bottom))):
             r = 2 * b + row
             for c in range(ncol):
-                _blank(axes[r, c])
+                bare_axis(axes[r, c])
                 if c < len(imgs):
                     axes[r, c].imshow(imgs[c], cmap="gray", vmin=0, vmax=255, interpolation="nearest")
                     if row == 0:
                         axes[r, c].set_title(block.captions[c], fontsize=6.5)
             axes[r, 0].set_ylabel(label, rotation=0, ha="right", va="center", fontsize=8)
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100, format="png")
-    plt.close(fig)
+    finish_figure(fig, path, title)
 
 
 def save_histograms(path: Path, panels: dict[str, dict[str, np.ndarray]], marks: dict[str, dict[str, float]],
@@ -84,8 +75,4 @@ def save_histograms(path: Path, panels: dict[str, dict[str, np.ndarray]], marks:
         ax.set_title(name, fontsize=10)
         ax.set_ylabel("density")
         ax.legend(fontsize=7)
-    if title:
-        fig.suptitle(title, fontsize=11)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100, format="png")
-    plt.close(fig)
+    finish_figure(fig, path, title, 11)
