@@ -117,9 +117,8 @@ def ddim_step(sched: DDIMScheduler, out: torch.Tensor, t: int, z: torch.Tensor, 
     a_prev = sched.alphas_cumprod[prev_t] if prev_t >= 0 else sched.final_alpha_cumprod
     _, x0 = sched.step(out, t, z)  # MONAI's predicted clean latent, clamped as the scheduler says
     eps = out if sched.prediction_type == "epsilon" else a_t ** 0.5 * out + (1 - a_t) ** 0.5 * z
-    variance = sched._get_variance(t, prev_t)
-    std = eta * variance ** 0.5
-    return a_prev ** 0.5 * x0 + (1 - a_prev - std ** 2) ** 0.5 * eps + variance ** 0.5 * eta * noise
+    std = eta * sched._get_variance(t, prev_t) ** 0.5
+    return a_prev ** 0.5 * x0 + (1 - a_prev - std ** 2) ** 0.5 * eps + std * noise
 
 
 def training_target(sched: DDPMScheduler, z0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
