@@ -19,7 +19,8 @@ from typing import Any, Callable, Sequence
 import typer
 import yaml
 
-__all__ = ["PipelineError", "PARAMS_OPTION", "stage_options", "load_section", "read_keys", "keep_freed_memory", "run_stage", "run_command"]
+__all__ = ["PipelineError", "PARAMS_OPTION", "stage_options", "load_section", "read_keys", "keep_freed_memory",
+           "run_stage", "run_command"]
 
 PARAMS_OPTION = "params"
 """Name of the option every stage has that points at the params file."""
