@@ -1,8 +1,9 @@
 """Stage ``counterfactual``: edit real test X-rays to the other clinical status; measure what changed and what not.
 
-For ``n_per_class`` real test images of each class (a seeded subset), each image is edited to the other class
-(:mod:`pipeline.editing`: autoencoder, DDIM inversion or SDEdit to the edit strength, guided denoising under the
-target label, optionally inside a DiffEdit mask, decoding). Per direction (``n2p`` normal → pneumonia, ``p2n``
+For ``n_per_class`` real test images of each class (a seeded subset; ``split: val`` edits val images instead, to
+choose settings), each image is edited to the other class (:mod:`pipeline.editing`: autoencoder, DDIM inversion or
+SDEdit to the direction's edit strength, guided denoising under the target label, optionally inside a DiffEdit mask,
+decoding). Per direction (``n2p`` normal → pneumonia, ``p2n``
 pneumonia → normal):
 
 - effectiveness: the evaluator's flip rate, the share of edits it calls the target class (at its val threshold);
@@ -20,7 +21,7 @@ Reads the ``counterfactual`` section of params.yaml.
 from __future__ import annotations
 
 import time
-from dataclasses import replace
+from enum import Enum
 from pathlib import Path
 from typing import Optional
 
@@ -35,8 +36,8 @@ from pipeline.data import CLASSES
 from pipeline.diffmaps import save_edit_rows
 from pipeline.editing import (CLIP_DENOISED_OPTION, GUIDANCE_REFERENCE_OPTION, GUIDANCE_SCALE_OPTION,
                               INVERSION_LABEL_OPTION, MASK_NOISE_DRAWS_OPTION, MASK_OPTION, MASK_THRESHOLD_OPTION,
-                              METHOD_OPTION, STRENGTH_OPTION, EditSettings, GuidanceReference, InversionLabel, Mask,
-                              Method, edit_images, flips_to, similarity)
+                              METHOD_OPTION, EditSettings, GuidanceReference, InversionLabel, Mask,
+                              Method, edit_at, flips_to, similarity, strength_option)
 from pipeline.fid_ref import real_uint8
 from pipeline.models import pick_device
 from pipeline.sample import Sampler
@@ -49,7 +50,14 @@ DIRECTIONS = {"n2p": (0, 1), "p2n": (1, 0)}
 ARROWS = {"n2p": "normal→pneumonia", "p2n": "pneumonia→normal"}
 
 
-def select_sources(labels: np.ndarray, n_per_class: int | None, seed: int) -> np.ndarray:
+class Split(str, Enum):
+    """Real split whose images are edited."""
+
+    test = "test"
+    val = "val"
+
+
+def select_sources(labels: np.ndarray, n_per_class: int | None, seed: int, split: str = "test") -> np.ndarray:
     """Indices of ``n_per_class`` images of each class (all when None), a seeded subset, normals first.
 
     Raises:
@@ -60,7 +68,7 @@ def select_sources(labels: np.ndarray, n_per_class: int | None, seed: int) -> np
     for k, name in enumerate(CLASSES):
         idx = np.flatnonzero(labels == k)
         if n_per_class is not None and n_per_class > len(idx):
-            raise PipelineError(f"counterfactual.n_per_class is {n_per_class}, but the test split has only "
+            raise PipelineError(f"counterfactual.n_per_class is {n_per_class}, but the {split} split has only "
                                 f"{len(idx)} {name} images; lower it, or set it to null for all of them")
         out.append(np.sort(rng.choice(idx, n_per_class, replace=False)) if n_per_class is not None else idx)
     return np.concatenate(out)
@@ -122,7 +130,7 @@ def save_sweep_figure(path: Path, rows: list[dict[str, float]], title: str) -> N
 
 @app.command()
 def main(
-    data: Path = typer.Option(..., help="Prepared data folder (real test images to edit)."),
+    data: Path = typer.Option(..., help="Prepared data folder (real images to edit)."),
     ldm: Path = typer.Option(..., help="Diffusion model folder (output of train_ldm)."),
     autoencoder: Path = typer.Option(..., help="Autoencoder model folder."),
     classifier: Path = typer.Option(..., help="Evaluator model folder (output of train_classifier)."),
@@ -134,9 +142,12 @@ def main(
     figure: Path = typer.Option(..., help="Output PNG: flip rate and SSIM against the strength."),
     panels: Path = typer.Option(..., help="Output PNG: source | edit | signed difference | edit back, per image."),
     params: Path = params_option(),
-    n_per_class: Optional[int] = typer.Option(100, min=1, help="Real test images edited per class (a seeded "
-                                              "subset); null edits all of them."),
-    strength: float = STRENGTH_OPTION,
+    split: Split = typer.Option(Split.test, help="Real split edited: test (what the stage reports) or val (to choose "
+                                "edit settings without looking at test, e.g. --split val --seed 1)."),
+    n_per_class: Optional[int] = typer.Option(100, min=1, help="Real images edited per class (a seeded subset); "
+                                              "null edits all of them."),
+    strength_to_pneumonia: float = strength_option("pneumonia"),
+    strength_to_normal: float = strength_option("normal"),
     method: Method = METHOD_OPTION,
     inversion_label: InversionLabel = INVERSION_LABEL_OPTION,
     guidance_scale: float = GUIDANCE_SCALE_OPTION,
@@ -149,33 +160,34 @@ def main(
     mask_noise_draws: int = MASK_NOISE_DRAWS_OPTION,
     sweep_strengths: list[float] = typer.Option([0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8], help="Strengths of the "
                                                 "sweep (flip rate and SSIM per strength)."),
-    seed: int = typer.Option(0, help="Seeds the choice of test images; image i uses seed + i for noise (SDEdit, "
+    seed: int = typer.Option(0, help="Seeds the choice of images; image i uses seed + i for noise (SDEdit, "
                              "the regenerate baseline)."),
     n_panels: int = typer.Option(6, min=1, help="Images per direction shown in the panels PNG."),
     batch_size: int = typer.Option(128, min=1, help="Images per batch (no effect on the edits)."),
 ) -> None:
-    """Edit real test images to the other class; write pairs, metrics, a strength sweep and panels."""
+    """Edit real images to the other class; write pairs, metrics, a strength sweep and panels."""
     t0 = time.time()
     if any(not 0.0 <= s <= 1.0 for s in sweep_strengths):
         raise PipelineError(f"counterfactual.sweep_strengths must lie in [0, 1], got {sweep_strengths}")
-    images, labels = real_uint8(data, "test")
-    test_index = select_sources(labels, n_per_class, seed)
+    images, labels = real_uint8(data, split.value)
+    test_index = select_sources(labels, n_per_class, seed, split.value)
     sources, src = images[test_index], labels[test_index]
     tgt = 1 - src
     seeds = [seed + i for i in range(len(sources))]
     sampler = Sampler(ldm, autoencoder, num_inference_steps, pick_device(), clip_denoised)
     evaluator = load_classifier(classifier)
-    settings = EditSettings(strength, method, inversion_label, guidance_scale, guidance_reference, mask,
+    settings = EditSettings(0.0, method, inversion_label, guidance_scale, guidance_reference, mask,
                             mask_threshold, mask_noise_draws)
+    to = np.array([strength_to_normal, strength_to_pneumonia])  # strength per target label
 
-    def edit(x: np.ndarray, a: np.ndarray, b: np.ndarray, s: float, desc: str) -> np.ndarray:
-        return edit_images(sampler, x, a, b, replace(settings, strength=s), seeds, batch_size, desc)
+    def edit(x: np.ndarray, a: np.ndarray, b: np.ndarray, s: float | np.ndarray, desc: str) -> np.ndarray:
+        return edit_at(sampler, x, a, b, settings, np.broadcast_to(s, len(x)), seeds, batch_size, desc)
 
-    edits_at = {s: edit(sources, src, tgt, s, f"edit t0={s:g}") for s in sorted(set(sweep_strengths) | {strength})}
-    edits = edits_at[strength]
-    backs = edit(edits, tgt, src, strength, "edit back")
-    nulls = edit(sources, src, src, strength, "null edit")
-    result = direction_scores(sources, src, edits, backs, nulls, evaluator)
+    edits = edit(sources, src, tgt, to[tgt], "edit")
+    backs = edit(edits, tgt, src, to[src], "edit back")  # an edit to the source class, at that direction's strength
+    nulls = edit(sources, src, src, to[tgt], "null edit")  # the edit's own strength, target = source
+    result = {"n2p_strength": strength_to_pneumonia, "p2n_strength": strength_to_normal,
+              **direction_scores(sources, src, edits, backs, nulls, evaluator)}
 
     recon = edit(sources, src, tgt, 0.0, "identity baseline")
     recon_back = edit(recon, tgt, src, 0.0, "identity baseline back")
@@ -187,7 +199,8 @@ def main(
     result.update({f"baseline_regenerate_{k}": v for k, v in
                    direction_scores(sources, src, regen, regen_src, regen_src, evaluator).items()})
 
-    sweep_keys, rows = sweep_scores(sources, src, {s: edits_at[s] for s in sorted(set(sweep_strengths))}, evaluator)
+    edits_at = {s: edit(sources, src, tgt, s, f"edit t0={s:g}") for s in sorted(set(sweep_strengths))}
+    sweep_keys, rows = sweep_scores(sources, src, edits_at, evaluator)
     result.update(sweep_keys)
     result["wall_time_s"] = round(time.time() - t0, 1)
     p_source, p_edit = evaluator.predict_proba(sources), evaluator.predict_proba(edits)
@@ -201,7 +214,8 @@ def main(
                           f"{num_inference_steps} DDIM steps")
         idx, row_labels = panel_rows(src, test_index, p_source, p_edit, n_panels)
         save_edit_rows(tmp_pan, sources[idx], edits[idx], row_labels,
-                       f"counterfactual edits, t0 {strength:g}, {method.value}, guidance {guidance_scale:g}",
+                       f"counterfactual edits of real {split.value} images, t0 {strength_to_pneumonia:g} (n2p) / "
+                       f"{strength_to_normal:g} (p2n), {method.value}, guidance {guidance_scale:g}",
                        backs=backs[idx])
     typer.echo(" ".join(f"{k}={result[k]}" for k in result if not k.startswith(("sweep", "baseline"))), err=True)
 

@@ -16,6 +16,7 @@ UIDs (see ``pipeline/edit_io.py``). Writes into ``--out``:
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Optional
 
@@ -29,7 +30,7 @@ from pipeline.diffmaps import save_edit_rows
 from pipeline.edit_io import apply_change, derived_dicom, model_view, read_image, unflip, write_png
 from pipeline.editing import (CLIP_DENOISED_OPTION, GUIDANCE_REFERENCE_OPTION, GUIDANCE_SCALE_OPTION,
                               INVERSION_LABEL_OPTION, MASK_NOISE_DRAWS_OPTION, MASK_OPTION, MASK_THRESHOLD_OPTION,
-                              METHOD_OPTION, STRENGTH_OPTION, EditSettings, GuidanceReference, InversionLabel, Mask,
+                              METHOD_OPTION, DEFAULT_STRENGTH, EditSettings, GuidanceReference, InversionLabel, Mask,
                               Method, edit_images)
 from pipeline.generate import Label
 from pipeline.models import pick_device
@@ -56,7 +57,12 @@ def main(
                                "its content) or a PNG / any grey or colour image Pillow reads."),
     target: Label = typer.Option(..., help="Clinical status to edit the image to."),
     out: Path = typer.Option(..., help="Output folder (created if absent) for the edit and the difference map."),
-    strength: float = STRENGTH_OPTION,
+    strength: Optional[float] = typer.Option(None, min=0.0, max=1.0, help="Edit strength t0: the fraction of the "
+                                             "diffusion schedule the edit goes up; higher changes more (0 = "
+                                             "autoencoder round trip, 1 = from noise). Default: the counterfactual "
+                                             "stage's, "
+                                             + ", ".join(f"{v:g} to {k}" for k, v in DEFAULT_STRENGTH.items())
+                                             + " (chosen on val: README)."),
     source: Optional[Label] = typer.Option(None, help="Clinical status of the input image; default: the other "
                                            "class than --target. Conditions the inversion (--inversion-label "
                                            "source) and the edit back."),
@@ -80,6 +86,8 @@ def main(
     """Edit one image to the target class; write the edit (same size and format as the input) and a difference map."""
     src_label = CLASSES.index(source.value) if source else 1 - CLASSES.index(target.value)
     tgt_label = CLASSES.index(target.value)
+    back_strength = DEFAULT_STRENGTH[CLASSES[src_label]] if strength is None else strength  # the way back's own
+    strength = DEFAULT_STRENGTH[target.value] if strength is None else strength
     size = load_model_config(autoencoder)["data"]["size"]
     read = read_image(image)
     small = model_view(read.pixels, size)[None]
@@ -88,7 +96,7 @@ def main(
                             mask_threshold, mask_noise_draws)
     a, b = np.array([src_label]), np.array([tgt_label])
     edit = edit_images(sampler, small, a, b, settings, [seed], 1, "edit")
-    back = edit_images(sampler, edit, b, a, settings, [seed], 1, "edit back")
+    back = edit_images(sampler, edit, b, a, replace(settings, strength=back_strength), [seed], 1, "edit back")
     full = unflip(apply_change(read.pixels, small[0], edit[0]), read.flips)
 
     out.mkdir(parents=True, exist_ok=True)

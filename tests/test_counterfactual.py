@@ -23,9 +23,9 @@ from pipeline.counterfactual import DIRECTIONS, select_sources
 from pipeline.data import load_prepared
 from pipeline.diffusion import NULL_CLASS, clip_denoised_latents, guided_output, unet_args
 from pipeline.edit_io import read_image
-from pipeline.editing import (EditSettings, InversionLabel, Mask, Method, contrast_output, denoise_from,
-                              diffedit_mask, edit_images, edit_latents, edit_timesteps, invert, invert_trajectory,
-                              mask_seeds, model_input, noise_to, similarity, unclamped)
+from pipeline.editing import (EditSettings, GuidanceReference, InversionLabel, Mask, Method, contrast_output,
+                              denoise_from, diffedit_mask, edit_at, edit_images, edit_latents, edit_timesteps, invert,
+                              invert_trajectory, mask_seeds, model_input, noise_to, similarity, unclamped)
 from pipeline.fid_ref import real_uint8
 from pipeline.sample import Sampler
 
@@ -159,6 +159,18 @@ def test_strength_zero_returns_the_source(tiny_sampler, test_images, method):
     assert torch.equal(out, z)
     edited = edit_images(tiny_sampler, images[:3], labels[:3], 1 - labels[:3], EditSettings(0.0, method), [0, 1, 2], 2)
     assert np.array_equal(edited, tiny_sampler.decode(z))  # the autoencoder round trip, nothing more
+
+
+def test_edit_at_gives_each_image_its_own_strength(tiny_sampler, test_images):
+    images, labels = test_images[0][:4], test_images[1][:4]
+    settings, seeds, strengths = EditSettings(0.0, guidance_scale=3.0), [5, 6, 7, 8], np.array([0.2, 0.5, 0.2, 0.5])
+    out = edit_at(tiny_sampler, images, labels, 1 - labels, settings, strengths, seeds, 3)
+    for s in (0.2, 0.5):
+        i = np.flatnonzero(strengths == s)
+        alone = edit_images(tiny_sampler, images[i], labels[i], 1 - labels[i], EditSettings(s, guidance_scale=3.0),
+                            [seeds[k] for k in i], 3)
+        assert np.array_equal(out[i], alone)
+    assert not np.array_equal(out[:1], out[1:2])
 
 
 @pytest.fixture(scope="module")
@@ -297,6 +309,25 @@ def test_stage_sweep_has_one_row_per_strength(pipeline_run, cf_metrics):
             assert f"sweep_t{s:g}_{d}_flip_rate" in cf_metrics and f"sweep_t{s:g}_{d}_ssim" in cf_metrics
 
 
+def test_stage_edits_each_direction_at_its_own_strength(pipeline_run, cf_metrics):
+    import yaml
+
+    cf = yaml.safe_load(pipeline_run.params.read_text())["counterfactual"]
+    assert (cf_metrics["n2p_strength"], cf_metrics["p2n_strength"]) == (cf["strength_to_pneumonia"],
+                                                                         cf["strength_to_normal"])
+    with np.load(pipeline_run / "data/counterfactuals.npz") as z:
+        sources, src, edits, seeds = z["sources"], z["source_labels"], z["edits"], z["seeds"].tolist()
+    sampler = Sampler(pipeline_run / "models/ldm", pipeline_run / "models/autoencoder", cf["num_inference_steps"],
+                      torch.device("cpu"), cf["clip_denoised"])
+    for label, key in ((0, "strength_to_pneumonia"), (1, "strength_to_normal")):
+        i = np.flatnonzero(src == label)
+        settings = EditSettings(cf[key], Method(cf["method"]), InversionLabel(cf["inversion_label"]),
+                                cf["guidance_scale"], GuidanceReference(cf["guidance_reference"]), Mask(cf["mask"]),
+                                cf["mask_threshold"], cf["mask_noise_draws"])
+        expected = edit_images(sampler, sources[i], src[i], 1 - src[i], settings, [seeds[k] for k in i], 2)
+        assert np.abs(edits[i].astype(int) - expected.astype(int)).max() <= 1, key
+
+
 def test_stage_arrays_and_figures(pipeline_run):
     with np.load(pipeline_run / "data/counterfactuals.npz") as z:
         arrays = dict(z)
@@ -375,7 +406,7 @@ def test_edit_command_on_a_dicom_keeps_geometry_and_marks_it_derived(pipeline_ru
     assert ds.SourceImageSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
     assert [float(v) for v in ds.PixelSpacing] == [0.5, 0.5] and list(ds.PatientOrientation) == ["L", "F"]
     assert str(ds.PatientName) != "Doe^Jane" and ds.PatientID != "12345"
-    assert "strength=0.45" in ds.DerivationDescription
+    assert "strength=0.58" in ds.DerivationDescription  # the default strength to pneumonia
     assert (tmp_path / "out/xray_to_pneumonia_difference.png").is_file()
     # the change lives in the centre square; the columns outside it keep the source's grey levels
     src = read_image(tmp_path / "xray.dcm").pixels
