@@ -17,6 +17,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 from typer.testing import CliRunner
 
+from conftest import run
 from pipeline import edit as edit_cmd
 from pipeline.cli import PipelineError
 from pipeline.counterfactual import DIRECTIONS, select_sources
@@ -341,6 +342,23 @@ def test_stage_arrays_and_figures(pipeline_run):
     for name in ("counterfactual_sweep.png", "counterfactual_panels.png"):
         with Image.open(pipeline_run / "metrics/plots" / name) as img:
             assert img.size[0] > 200 and img.size[1] > 200
+
+
+def test_stage_on_val_edits_val_images(pipeline_run, tmp_path, capsys):
+    ws = pipeline_run
+    args = ["--params", ws.params, "--data", ws / "data/prepared", "--ldm", ws / "models/ldm",
+            "--autoencoder", ws / "models/autoencoder", "--classifier", ws / "models/classifier",
+            "--cohort-settings", ws / "data/samples/settings.json", "--out", tmp_path / "cf.npz",
+            "--metrics", tmp_path / "cf.json", "--curve", tmp_path / "cf.tsv", "--figure", tmp_path / "cf.png",
+            "--panels", tmp_path / "panels.png", "--split", "val", "--n-per-class", "2", "--sweep-strengths", "0.5"]
+    assert run("counterfactual", args) == 0
+    with np.load(tmp_path / "cf.npz") as z:
+        index, sources = z["test_index"], z["sources"]
+    images, labels = real_uint8(ws / "data/prepared", "val")
+    assert np.array_equal(images[index], sources) and np.bincount(labels[index]).tolist() == [2, 2]
+    capsys.readouterr()
+    assert run("counterfactual", args[:-6] + ["--split", "val", "--n-per-class", "13"]) == 1  # 12 per class
+    assert "but the val split has only 12" in capsys.readouterr().err
 
 
 # --- the user command -------------------------------------------------------------------------------------------------
