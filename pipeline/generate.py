@@ -43,7 +43,8 @@ def main(
     out: Path = typer.Option(..., help="Output folder (created if absent)."),
     fmt: Format = typer.Option(Format.png, "--format", help="png, dicom (synthetic Secondary Capture) or both."),
     seed: int = typer.Option(0, help="Image i uses seed seed + i."),
-    guidance_scale: float = typer.Option(3.0, min=0.0, help="Classifier-free guidance scale (1 = none)."),
+    guidance_scale: float = typer.Option(4.0, min=0.0, help="Classifier-free guidance scale (1 = none; the cohorts "
+                                         "use ldm.guidance_scale, 4)."),
     steps: int = typer.Option(40, min=1, help="DDIM steps."),
     clip_denoised: float = typer.Option(2.5, min=0.0, help="Clamp DDIM's predicted clean latent to ±this at every "
                                         "step (normalised latent units; 0 = off; the cohorts use ldm.clip_denoised)."),
