@@ -17,7 +17,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 from typer.testing import CliRunner
 
-from conftest import run
+from conftest import REPO, run
 from pipeline import edit as edit_cmd
 from pipeline.cli import PipelineError
 from pipeline.counterfactual import DIRECTIONS, select_sources
@@ -160,6 +160,16 @@ def test_strength_zero_returns_the_source(tiny_sampler, test_images, method):
     assert torch.equal(out, z)
     edited = edit_images(tiny_sampler, images[:3], labels[:3], 1 - labels[:3], EditSettings(0.0, method), [0, 1, 2], 2)
     assert np.array_equal(edited, tiny_sampler.decode(z))  # the autoencoder round trip, nothing more
+
+
+def test_edit_command_defaults_are_the_stage_params():
+    import yaml
+
+    from pipeline.editing import DEFAULT_STRENGTH, GUIDANCE_SCALE_OPTION
+
+    cf = yaml.safe_load((REPO / "params.yaml").read_text())["counterfactual"]
+    assert DEFAULT_STRENGTH == {"pneumonia": cf["strength_to_pneumonia"], "normal": cf["strength_to_normal"]}
+    assert GUIDANCE_SCALE_OPTION.default == cf["guidance_scale"]
 
 
 def test_edit_at_gives_each_image_its_own_strength(tiny_sampler, test_images):
