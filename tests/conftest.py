@@ -21,6 +21,11 @@ TINY = REPO / "tests" / "params_tiny.yaml"
 REAL_NPZ = Path(os.environ.get("PNEUMONIAMNIST_NPZ", REPO.parent / "shared" / "data" / "pneumoniamnist.npz"))
 
 
+def default_params() -> dict:
+    """A fresh copy of the repository's default params.yaml (the profile of the committed run)."""
+    return yaml.safe_load((REPO / "params.yaml").read_text())
+
+
 @pytest.fixture(scope="session")
 def real_npz() -> Path:
     if not REAL_NPZ.is_file():

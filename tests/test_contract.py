@@ -11,11 +11,12 @@ from pathlib import Path
 import pytest
 import yaml
 
+from conftest import default_params
 from pipeline.cli import stage_options
 
 REPO = Path(__file__).resolve().parents[1]
 DVC = yaml.safe_load((REPO / "dvc.yaml").read_text())
-PARAMS = yaml.safe_load((REPO / "params.yaml").read_text())
+PARAMS = default_params()
 STAGES = DVC["stages"]
 
 

@@ -17,7 +17,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 from typer.testing import CliRunner
 
-from conftest import REPO, run
+from conftest import default_params, run
 from pipeline import edit as edit_cmd
 from pipeline.cli import PipelineError
 from pipeline.counterfactual import DIRECTIONS, select_sources
@@ -163,11 +163,9 @@ def test_strength_zero_returns_the_source(tiny_sampler, test_images, method):
 
 
 def test_edit_command_defaults_are_the_stage_params():
-    import yaml
-
     from pipeline.editing import DEFAULT_STRENGTH, GUIDANCE_SCALE_OPTION
 
-    cf = yaml.safe_load((REPO / "params.yaml").read_text())["counterfactual"]
+    cf = default_params()["counterfactual"]
     assert DEFAULT_STRENGTH == {"pneumonia": cf["strength_to_pneumonia"], "normal": cf["strength_to_normal"]}
     assert GUIDANCE_SCALE_OPTION.default == cf["guidance_scale"]
 

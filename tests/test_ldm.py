@@ -271,12 +271,10 @@ def test_generate_help_explains_every_option():
 def test_generate_defaults_are_the_cohort_sampler_params():
     import inspect
 
-    import yaml
-
-    from conftest import REPO
+    from conftest import default_params
     from pipeline.generate import app
 
-    ldm = yaml.safe_load((REPO / "params.yaml").read_text())["ldm"]
+    ldm = default_params()["ldm"]
     options = inspect.signature(app.registered_commands[0].callback).parameters
     defaults = {name: options[name].default.default for name in ("guidance_scale", "steps", "clip_denoised", "eta")}
     assert defaults == {"guidance_scale": ldm["guidance_scale"], "steps": ldm["num_inference_steps"],

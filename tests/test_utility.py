@@ -112,8 +112,8 @@ def test_a_cohort_that_is_not_label_matched_is_refused(tmp_path):
 
 
 def test_recipe_comes_from_the_classifier_section(tmp_path):
-    from conftest import REPO
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    from conftest import REPO, default_params
+    params = default_params()
     recipe = read_recipe(REPO / "params.yaml")
     assert recipe == Recipe.from_params(params["classifier"]) and recipe.epochs == params["classifier"]["epochs"]
     del params["classifier"]["lr"]
