@@ -3,8 +3,7 @@
 For ``n_per_class`` real test images of each class (a seeded subset; ``split: val`` edits val images instead, to
 choose settings), each image is edited to the other class (:mod:`pipeline.editing`: autoencoder, DDIM inversion or
 SDEdit to the direction's edit strength, guided denoising under the target label, optionally inside a DiffEdit mask,
-decoding). Per direction (``n2p`` normal → pneumonia, ``p2n``
-pneumonia → normal):
+decoding). Per direction (``n2p`` normal → pneumonia, ``p2n`` pneumonia → normal):
 
 - effectiveness: the evaluator's flip rate, the share of edits it calls the target class (at its val threshold);
 - identity: SSIM, PSNR and L1 between edit and source;

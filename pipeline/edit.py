@@ -28,9 +28,9 @@ from pipeline.cli import PipelineError
 from pipeline.data import CLASSES
 from pipeline.diffmaps import save_edit_rows
 from pipeline.edit_io import apply_change, derived_dicom, model_view, read_image, unflip, write_png
-from pipeline.editing import (CLIP_DENOISED_OPTION, GUIDANCE_REFERENCE_OPTION, GUIDANCE_SCALE_OPTION,
+from pipeline.editing import (CLIP_DENOISED_OPTION, DEFAULT_STRENGTH, GUIDANCE_REFERENCE_OPTION, GUIDANCE_SCALE_OPTION,
                               INVERSION_LABEL_OPTION, MASK_NOISE_DRAWS_OPTION, MASK_OPTION, MASK_THRESHOLD_OPTION,
-                              METHOD_OPTION, DEFAULT_STRENGTH, EditSettings, GuidanceReference, InversionLabel, Mask,
+                              METHOD_OPTION, STRENGTH_HELP, EditSettings, GuidanceReference, InversionLabel, Mask,
                               Method, edit_images)
 from pipeline.generate import Label
 from pipeline.models import pick_device
@@ -57,10 +57,8 @@ def main(
                                "its content) or a PNG / any grey or colour image Pillow reads."),
     target: Label = typer.Option(..., help="Clinical status to edit the image to."),
     out: Path = typer.Option(..., help="Output folder (created if absent) for the edit and the difference map."),
-    strength: Optional[float] = typer.Option(None, min=0.0, max=1.0, help="Edit strength t0: the fraction of the "
-                                             "diffusion schedule the edit goes up; higher changes more (0 = "
-                                             "autoencoder round trip, 1 = from noise). Default: the counterfactual "
-                                             "stage's, "
+    strength: Optional[float] = typer.Option(None, min=0.0, max=1.0, help=f"Edit strength t0: {STRENGTH_HELP} "
+                                             "Default: the counterfactual stage's, "
                                              + ", ".join(f"{v:g} to {k}" for k, v in DEFAULT_STRENGTH.items())
                                              + " (chosen on val: README)."),
     source: Optional[Label] = typer.Option(None, help="Clinical status of the input image; default: the other "

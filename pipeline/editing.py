@@ -53,7 +53,7 @@ from pipeline.sample import Sampler
 __all__ = ["Method", "InversionLabel", "GuidanceReference", "Mask", "EditSettings", "edit_timesteps", "invert",
            "invert_trajectory", "mask_seeds", "diffedit_mask", "contrast_output", "denoise_from", "noise_to",
            "edit_latents", "unclamped", "model_input", "edit_images", "edit_at", "similarity", "flips_to",
-           "DEFAULT_STRENGTH", "strength_option", "METHOD_OPTION", "INVERSION_LABEL_OPTION",
+           "DEFAULT_STRENGTH", "STRENGTH_HELP", "strength_option", "METHOD_OPTION", "INVERSION_LABEL_OPTION",
            "GUIDANCE_SCALE_OPTION", "GUIDANCE_REFERENCE_OPTION", "MASK_OPTION", "MASK_THRESHOLD_OPTION",
            "MASK_NOISE_DRAWS_OPTION", "CLIP_DENOISED_OPTION"]
 
@@ -136,12 +136,14 @@ DEFAULT_STRENGTH = {"pneumonia": 0.58, "normal": 0.42}
 0.90 of the time (README, "Counterfactual editing"); params.yaml's counterfactual section holds the same values."""
 
 
+STRENGTH_HELP = ("the fraction of the diffusion schedule the edit goes up; higher changes more (0 = autoencoder round "
+                 "trip, 1 = from noise).")
+
+
 def strength_option(target: str) -> typer.models.OptionInfo:
     """The ``--strength-to-<target>`` option: edit strength t0 of the edits to ``target``."""
     return typer.Option(DEFAULT_STRENGTH[target], min=0.0, max=1.0, help=f"Edit strength t0 of edits to {target}: "
-                        "the fraction of the diffusion schedule the edit goes up; higher changes more (0 = "
-                        "autoencoder round trip, 1 = from noise). metrics/plots/counterfactual_sweep.png shows flip "
-                        "rate against SSIM per t0.")
+                        f"{STRENGTH_HELP} metrics/plots/counterfactual_sweep.png shows flip rate against SSIM per t0.")
 
 
 METHOD_OPTION = typer.Option(Method.ddim_inversion, help="ddim_inversion (deterministic, keeps the anatomy) or "

@@ -16,7 +16,7 @@ import numpy as np
 import typer
 from PIL import Image
 
-from pipeline.cli import run_command
+from pipeline.cli import PipelineError, run_command
 from pipeline.data import CLASSES
 from pipeline.dicom import write_synthetic_dicom
 from pipeline.models import pick_device
@@ -45,8 +45,11 @@ def main(
     seed: int = typer.Option(0, help="Image i uses seed seed + i."),
     guidance_scale: float = typer.Option(4.0, min=0.0, help="Classifier-free guidance scale (1 = none; the cohorts "
                                          "use ldm.guidance_scale, 4)."),
+    guidance_max_t: list[int] = typer.Option([1000, 600], help="Per class (normal, then pneumonia; repeat the "
+                                             "option): guide only at timesteps t <= this (guidance interval; 1000 = "
+                                             "every step; the cohorts use ldm.guidance_max_t)."),
     steps: int = typer.Option(40, min=1, help="DDIM steps."),
-    clip_denoised: float = typer.Option(2.5, min=0.0, help="Clamp DDIM's predicted clean latent to ±this at every "
+    clip_denoised: float = typer.Option(0.0, min=0.0, help="Clamp DDIM's predicted clean latent to ±this at every "
                                         "step (normalised latent units; 0 = off; the cohorts use ldm.clip_denoised)."),
     eta: float = typer.Option(1.0, min=0.0, help="DDIM stochasticity: 0 deterministic DDIM, 1 ancestral sampling on "
                               "the DDIM grid (the cohorts use ldm.eta); the images still depend on their seeds only."),
@@ -55,7 +58,10 @@ def main(
     autoencoder: Path = typer.Option(Path("models/autoencoder"), help="Autoencoder model folder."),
 ) -> None:
     """Generate N images of the chosen class and write them as PNG and/or DICOM."""
-    sampler = Sampler(ldm, autoencoder, steps, pick_device(), clip_denoised, eta)
+    try:
+        sampler = Sampler(ldm, autoencoder, steps, pick_device(), clip_denoised, eta, guidance_max_t)
+    except ValueError as exc:
+        raise PipelineError(str(exc)) from None
     labels = np.full(n, CLASSES.index(label.value), dtype=np.int64)
     seeds = [seed + i for i in range(n)]
     images = sampler.generate(labels, seeds, guidance_scale, batch_size)
@@ -64,8 +70,8 @@ def main(
         for image, s in zip(images, seeds):
             Image.fromarray(image, mode="L").save(out / f"{label.value}_seed{s:06d}.png")
     if fmt in (Format.dicom, Format.both):
-        desc = [f"label={label.value} seed={s} guidance={guidance_scale} ddim_steps={steps} eta={eta:g}"
-                for s in seeds]
+        desc = [f"label={label.value} seed={s} guidance={guidance_scale} guidance_max_t="
+                f"{','.join(map(str, guidance_max_t))} ddim_steps={steps} eta={eta:g}" for s in seeds]
         write_synthetic_dicom(out / "dicom", images, [label.value] * n, desc)
     typer.echo(f"wrote {n} {label.value} images to {out}", err=True)
 

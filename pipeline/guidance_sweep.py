@@ -6,8 +6,8 @@ evaluator's label fidelity (accuracy at its val threshold, AUC) against the requ
 diversity but blurs the classes; high guidance sharpens the classes and loses diversity. The whole-cohort figure at
 one scale is what ``dvc exp run -S ldm.guidance_scale=W`` and the ``fid`` stage give; this stage trades N for a view
 of the whole curve in one run. Reads the ``guidance_sweep`` section of params.yaml, and the sampler settings
-(``num_inference_steps``, ``clip_denoised``, ``eta``) from the ``ldm`` section, so the sweep always samples as the
-cohorts do.
+(``num_inference_steps``, ``clip_denoised``, ``eta``, ``guidance_max_t``) from the ``ldm`` section, so the sweep
+always samples as the cohorts do.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from pipeline.sample import Sampler
 from pipeline.sample import app as sample_app
 
 SECTION = "guidance_sweep"  # the params.yaml section this stage reads
-SAMPLER_KEYS = ("num_inference_steps", "clip_denoised", "eta")
+SAMPLER_KEYS = ("num_inference_steps", "clip_denoised", "eta", "guidance_max_t")
 EXTRA_PARAMS = {"ldm": SAMPLER_KEYS}  # ... and the cohort sampler's settings (declared in dvc.yaml)
 app = typer.Typer(add_completion=False, help=__doc__)
 
@@ -78,7 +78,7 @@ def main(
     seeds = [seed + i for i in range(n_images)]
     cohort = read_keys(params, "ldm", SAMPLER_KEYS, [sample_app], "guidance_sweep")
     sampler = Sampler(ldm, autoencoder, cohort["num_inference_steps"], pick_device(), cohort["clip_denoised"],
-                      cohort["eta"])
+                      cohort["eta"], cohort["guidance_max_t"])
     evaluator = load_classifier(classifier)
     rows, grids, out = [], [], {}
     show = np.concatenate([np.flatnonzero(labels == k)[:6] for k in range(len(CLASSES))])
@@ -101,7 +101,7 @@ def main(
             "label fidelity (evaluator)": {"accuracy": [r["label_fidelity_accuracy"] for r in rows],
                                            "AUC": [r["label_fidelity_auc"] for r in rows]}},
             "guidance scale w", f"classifier-free guidance sweep, {sampler.num_inference_steps} DDIM steps, "
-            f"eta {sampler.eta:g}")
+            f"eta {sampler.eta:g}, guidance at t <= {'/'.join(map(str, sampler.guidance_max_t))}")
         save_rows(tmp_grid, grids, "same seeds at each guidance scale (6 normal, then 6 pneumonia)")
 
 

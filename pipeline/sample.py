@@ -3,14 +3,17 @@
 Image i of a cohort starts from noise drawn with seed ``sample_seed + i``, and with ``eta`` > 0 (stochastic DDIM,
 Song et al. ICLR 2021, Eq. 16; eta 1 is ancestral DDPM on the DDIM grid) the noise added at each step comes from a
 generator of that image alone (:func:`step_seed`), so any image can be regenerated alone and a cohort does not depend
-on the batch size. Latents are decoded by the autoencoder, cropped back to the data size and
-quantised to uint8. Reads the sampling keys of the ``ldm`` section (the training keys belong to ``train_ldm``).
+on the batch size. Guidance can act on each class only below a timestep of its own (``guidance_max_t``; the guidance
+interval of Kynkäänniemi et al., NeurIPS 2024): above it the step uses the plain conditional prediction. Latents are
+decoded by the autoencoder, cropped back to the data size and quantised to uint8. Reads the sampling keys of the
+``ldm`` section (the training keys belong to ``train_ldm``).
 """
 
 from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -47,12 +50,16 @@ class Sampler:
         clip_denoised: clamp of DDIM's predicted clean latent while sampling (0 = off).
         eta: DDIM stochasticity of :meth:`generate` (0 = deterministic DDIM, 1 = ancestral sampling on the DDIM grid).
             Edits (:mod:`pipeline.editing`) are always deterministic.
+        guidance_max_t: per class (normal, pneumonia), the largest timestep at which :meth:`denoise` applies
+            classifier-free guidance; above it, one conditional pass. None (or ``num_train_timesteps``) = every step.
     """
 
     def __init__(self, ldm_dir: Path, ae_dir: Path, num_inference_steps: int, device: torch.device,
-                 clip_denoised: float = 0.0, eta: float = 0.0) -> None:
+                 clip_denoised: float = 0.0, eta: float = 0.0, guidance_max_t: Sequence[int] | None = None) -> None:
         if eta < 0:
             raise ValueError(f"DDIM eta must be >= 0, got {eta}")
+        if guidance_max_t is not None and (len(guidance_max_t) != len(CLASSES) or min(guidance_max_t) < 0):
+            raise ValueError(f"guidance_max_t needs one timestep >= 0 per class {CLASSES}, got {list(guidance_max_t)}")
         self.unet, self.config = load_model(ldm_dir, REGISTRY)
         self.ae, ae_config = load_model(ae_dir, REGISTRY)
         self.unet.to(device)
@@ -61,6 +68,8 @@ class Sampler:
         self.latent_size = ae_config["data"]["padded_size"] // 2 ** (len(ae_config["args"]["channels"]) - 1)
         self.scheduler = make_ddim(self.config["scheduler"], num_inference_steps, clip_denoised)
         self.num_inference_steps, self.clip_denoised, self.eta = num_inference_steps, clip_denoised, eta
+        steps = self.config["scheduler"]["num_train_timesteps"]
+        self.guidance_max_t = [int(t) for t in guidance_max_t] if guidance_max_t is not None else [steps] * len(CLASSES)
         self.shift, self.scale = self.config["latent_shift"], self.config["latent_scale"]
         self.device = device
         self.guidance_scale: float | None = None  # the cohort's, when made by from_settings
@@ -75,7 +84,8 @@ class Sampler:
         if not settings.is_file():
             raise PipelineError(f"{settings} not found: run the sample stage first (dvc repro sample)")
         cohort = json.loads(settings.read_text())
-        sampler = cls(ldm_dir, ae_dir, cohort["num_inference_steps"], device, cohort["clip_denoised"], cohort["eta"])
+        sampler = cls(ldm_dir, ae_dir, cohort["num_inference_steps"], device, cohort["clip_denoised"], cohort["eta"],
+                      cohort.get("guidance_max_t"))
         sampler.guidance_scale = float(cohort["guidance_scale"])
         return sampler
 
@@ -85,6 +95,24 @@ class Sampler:
         shape = (c, self.latent_size, self.latent_size)
         return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
 
+    def guides(self, labels: torch.Tensor, t: int) -> torch.Tensor:
+        """Which images of the batch are guided at timestep ``t`` (their class's ``guidance_max_t`` is at least t)."""
+        return torch.as_tensor(self.guidance_max_t, device=labels.device)[labels] >= t
+
+    @torch.inference_mode()
+    def step_output(self, z: torch.Tensor, labels: torch.Tensor, t: int, guidance_scale: float) -> torch.Tensor:
+        """The U-Net's prediction at timestep ``t``: guided for the images whose class guides at t, the plain
+        conditional prediction (one pass) for the others; each class's images go through the U-Net together."""
+        on, tt = self.guides(labels, t), torch.as_tensor(t, device=self.device).long()
+        if bool(on.all()):
+            return guided_output(self.unet, z, tt, labels, guidance_scale)
+        if not bool(on.any()):
+            return guided_output(self.unet, z, tt, labels, 1.0)
+        out = torch.empty_like(z)
+        out[on] = guided_output(self.unet, z[on], tt, labels[on], guidance_scale)
+        out[~on] = guided_output(self.unet, z[~on], tt, labels[~on], 1.0)
+        return out
+
     @torch.inference_mode()
     def denoise(self, z: torch.Tensor, labels: torch.Tensor, guidance_scale: float,
                 generators: list[torch.Generator] | None = None) -> torch.Tensor:
@@ -93,7 +121,7 @@ class Sampler:
         Args:
             z: initial noise N×C×h×w.
             labels: class of each image (0 normal, 1 pneumonia).
-            guidance_scale: classifier-free guidance scale.
+            guidance_scale: classifier-free guidance scale (within each class's ``guidance_max_t``).
             generators: with ``self.eta`` > 0, one CPU generator per image for the noise of each step (each image's
                 trajectory then depends on its own generator only); ignored when eta is 0.
         """
@@ -102,7 +130,7 @@ class Sampler:
             raise ValueError("stochastic DDIM (eta > 0) needs one generator per image")
         z, labels = z.to(self.device), labels.to(self.device)
         for t in self.scheduler.timesteps:
-            out = guided_output(self.unet, z, torch.as_tensor(t, device=self.device).long(), labels, guidance_scale)
+            out = self.step_output(z, labels, int(t), guidance_scale)
             if stochastic:  # each image's noise from its own CPU generator, then one batched update on the device
                 noise = torch.stack([torch.randn(z.shape[1:], generator=g) for g in generators])
                 z = ddim_step(self.scheduler, out, int(t), z, self.eta, noise.to(self.device, z.dtype))
@@ -157,9 +185,12 @@ def main(
     metrics: Path = typer.Option(..., help="Output metrics JSON (counts, images/s)."),
     grid: Path = typer.Option(..., help="Output PNG grid of samples per class."),
     params: Path = params_option(),
-    guidance_scale: float = typer.Option(3.0, min=0.0, help="Classifier-free guidance scale w (1 = no guidance)."),
+    guidance_scale: float = typer.Option(4.0, min=0.0, help="Classifier-free guidance scale w (1 = no guidance)."),
+    guidance_max_t: list[int] = typer.Option([1000, 1000], help="Per class (normal, then pneumonia; repeat the "
+                                             "option): guide only at timesteps t <= this, above it use the plain "
+                                             "conditional prediction (guidance interval; 1000 = every step)."),
     num_inference_steps: int = typer.Option(40, min=1, help="DDIM steps."),
-    clip_denoised: float = typer.Option(2.5, min=0.0, help="Clamp DDIM's predicted clean latent to ±this at every "
+    clip_denoised: float = typer.Option(0.0, min=0.0, help="Clamp DDIM's predicted clean latent to ±this at every "
                                         "step (normalised latent units; 0 = off)."),
     eta: float = typer.Option(1.0, min=0.0, help="DDIM stochasticity: 0 deterministic DDIM, 1 ancestral sampling on "
                               "the DDIM grid (fresh noise at each step, from each image's own seed)."),
@@ -171,7 +202,10 @@ def main(
 ) -> None:
     """Sample the label-matched and balanced cohorts; write arrays, a grid and sampling speed."""
     t0 = time.time()
-    sampler = Sampler(ldm, autoencoder, num_inference_steps, pick_device(), clip_denoised, eta)
+    try:
+        sampler = Sampler(ldm, autoencoder, num_inference_steps, pick_device(), clip_denoised, eta, guidance_max_t)
+    except ValueError as exc:
+        raise PipelineError(str(exc)) from None
     with np.load(latents / "train.npz") as z:
         matched = label_matched(z["labels"])
     balanced = np.repeat(np.arange(len(CLASSES)), balanced_per_class)
@@ -188,12 +222,14 @@ def main(
             result[f"{name}_images_per_s"] = round(len(labels) / max(time.time() - t1, 1e-9), 3)
             if name == "matched":
                 save_rows(tmp_grid, [(c, images[labels == k][:12]) for k, c in enumerate(CLASSES)],
-                          f"samples, guidance {guidance_scale}, {num_inference_steps} DDIM steps, eta {eta:g}")
+                          f"samples, guidance {guidance_scale} (t <= {'/'.join(map(str, guidance_max_t))}), "
+                          f"{num_inference_steps} DDIM steps, eta {eta:g}")
             else:
                 export_dicom(tmp_out / "dicom", images, labels, seeds, dicom_per_class,
-                             f"guidance={guidance_scale} ddim_steps={num_inference_steps} clip={clip_denoised} "
-                             f"eta={eta:g}")
+                             f"guidance={guidance_scale} guidance_max_t={','.join(map(str, guidance_max_t))} "
+                             f"ddim_steps={num_inference_steps} clip={clip_denoised} eta={eta:g}")
         write_json(tmp_out / "settings.json", {"guidance_scale": guidance_scale, "sample_seed": sample_seed,
+                                                 "guidance_max_t": list(guidance_max_t),
                                                  "num_inference_steps": num_inference_steps,
                                                  "clip_denoised": clip_denoised, "eta": eta})
         result["wall_time_s"] = round(time.time() - t0, 1)

@@ -1,7 +1,8 @@
 """Stage ``sampling_speed``: images/s of the default sampler against MONAI-tutorial-style DDPM sampling.
 
 Both samplers use the same trained model, the same images (labels alternate, seeds 0..n-1), classifier-free guidance
-at the cohort's scale (the batch doubles in both) and the autoencoder decode: the default is DDIM with the cohort's
+at the cohort's scale and within each class's guidance interval (the cohort's ``guidance_max_t``: the same share of
+steps pays for a second pass in both) and the autoencoder decode: the default is DDIM with the cohort's
 ``num_inference_steps`` and ``eta``; the reference is ancestral DDPM over all ``ddpm_steps`` training steps, as in
 MONAI's tutorials. Reads the ``sampling_speed`` section; the DDIM settings come from the sample stage's
 ``settings.json``.
@@ -19,7 +20,7 @@ from tqdm import tqdm
 
 from pipeline.artifacts import atomic_outputs, write_json
 from pipeline.cli import params_option, run_stage
-from pipeline.diffusion import clip_denoised_latents, guided_output, make_ddpm
+from pipeline.diffusion import clip_denoised_latents, make_ddpm
 from pipeline.models import pick_device
 from pipeline.sample import Sampler
 
@@ -30,14 +31,15 @@ app = typer.Typer(add_completion=False, help=__doc__)
 @torch.inference_mode()
 def ddpm_generate(sampler: Sampler, labels: np.ndarray, seeds: list[int], guidance_scale: float,
                   steps: int) -> np.ndarray:
-    """Ancestral DDPM sampling over ``steps`` steps (MONAI tutorial loop) with classifier-free guidance."""
+    """Ancestral DDPM sampling over ``steps`` steps (MONAI tutorial loop) with the sampler's classifier-free guidance
+    (:meth:`Sampler.step_output`)."""
     sched = clip_denoised_latents(make_ddpm(sampler.config["scheduler"]), sampler.clip_denoised)
     sched.set_timesteps(steps)
     gen = torch.Generator().manual_seed(seeds[0])
     z = sampler.initial_noise(seeds).to(sampler.device)
     y = torch.from_numpy(labels).long().to(sampler.device)
     for t in tqdm(sched.timesteps, desc="ddpm", leave=False):
-        out = guided_output(sampler.unet, z, torch.as_tensor(t, device=sampler.device).long(), y, guidance_scale)
+        out = sampler.step_output(z, y, int(t), guidance_scale)
         z, _ = sched.step(out, int(t), z, generator=gen)
     return sampler.decode(z)
 

@@ -169,7 +169,7 @@ def test_sample_outputs(pipeline_run):
 
 def test_one_seed_per_image_and_determinism(pipeline_run):
     sampler = Sampler(pipeline_run / "models/ldm", pipeline_run / "models/autoencoder", 5, pick_device(),
-                      clip_denoised=2.5, eta=1.0)  # the tiny profile's ldm settings, as the cohort was made
+                      clip_denoised=2.5, eta=1.0, guidance_max_t=[100, 50])  # the tiny profile's, as the cohort
     labels = np.array([0, 1, 1, 0, 1])
     seeds = [10, 11, 12, 13, 14]
     together = sampler.generate(labels, seeds, 2.0, batch_size=5)
@@ -183,7 +183,30 @@ def test_one_seed_per_image_and_determinism(pipeline_run):
     regen = sampler.generate(cohort["labels"][idx], [int(s) for s in cohort["seeds"][idx]], 2.0, 2)
     np.testing.assert_allclose(regen.astype(int), cohort["images"][idx].astype(int), atol=1)
     settings = json.loads((pipeline_run / "data/samples/settings.json").read_text())
-    assert settings["eta"] == 1.0 and settings["num_inference_steps"] == 5
+    assert settings["eta"] == 1.0 and settings["num_inference_steps"] == 5 and settings["guidance_max_t"] == [100, 50]
+
+
+def test_guidance_interval_is_per_class(pipeline_run):
+    """``guidance_max_t`` switches guidance off above a timestep of each class's own: a mixed batch denoises each
+    image as a batch of its class alone would, and one class's interval leaves the other class's images as they are."""
+    kw = dict(num_inference_steps=5, device=pick_device(), clip_denoised=2.5, eta=0.0)
+    models = (pipeline_run / "models/ldm", pipeline_run / "models/autoencoder")
+    always, interval = Sampler(*models, **kw), Sampler(*models, **kw, guidance_max_t=[100, 50])
+    assert always.guidance_max_t == [100, 100]  # num_train_timesteps of the tiny profile: every step
+    labels = torch.tensor([0, 1, 0, 1])
+    assert interval.guides(labels, 40).all() and interval.guides(labels, 80).tolist() == [True, False, True, False]
+    z1 = always.initial_noise([5])
+    torch.testing.assert_close(interval.step_output(z1, labels[[1]], 80, 2.0),  # unguided: the conditional output
+                               interval.step_output(z1, labels[[1]], 80, 1.0), atol=1e-6, rtol=0)
+    z = always.initial_noise([0, 1, 2, 3])
+    mixed = interval.denoise(z, labels, 2.0)
+    torch.testing.assert_close(mixed[[0, 2]], interval.denoise(z[[0, 2]], labels[[0, 2]], 2.0), atol=1e-5, rtol=0)
+    torch.testing.assert_close(mixed[[1, 3]], interval.denoise(z[[1, 3]], labels[[1, 3]], 2.0), atol=1e-5, rtol=0)
+    full = always.denoise(z, labels, 2.0)
+    torch.testing.assert_close(mixed[[0, 2]], full[[0, 2]], atol=1e-5, rtol=0)
+    assert (mixed[[1, 3]] - full[[1, 3]]).abs().mean() > 1e-3  # pneumonia lost its high-noise guidance
+    with pytest.raises(ValueError, match="one timestep >= 0 per class"):
+        Sampler(*models, **kw, guidance_max_t=[100])
 
 
 def test_eta_zero_is_deterministic_ddim_and_eta_adds_noise(pipeline_run):
@@ -212,8 +235,9 @@ def test_sampler_from_settings_samples_as_the_cohorts(pipeline_run, tmp_path):
     settings = json.loads((samples / "settings.json").read_text())
     sampler = Sampler.from_settings(pipeline_run / "models/ldm", pipeline_run / "models/autoencoder",
                                     samples / "settings.json", pick_device())
-    assert (sampler.num_inference_steps, sampler.clip_denoised, sampler.eta, sampler.guidance_scale) == (
-        settings["num_inference_steps"], settings["clip_denoised"], settings["eta"], settings["guidance_scale"])
+    assert (sampler.num_inference_steps, sampler.clip_denoised, sampler.eta, sampler.guidance_scale,
+            sampler.guidance_max_t) == (settings["num_inference_steps"], settings["clip_denoised"], settings["eta"],
+                                        settings["guidance_scale"], settings["guidance_max_t"])
     with np.load(samples / "cohort_balanced.npz") as c:
         images, labels, seeds = c["images"][:3], c["labels"][:3], c["seeds"][:3].tolist()
     np.testing.assert_array_equal(sampler.generate(labels, seeds, sampler.guidance_scale, 3), images)
@@ -264,7 +288,8 @@ def test_generate_help_explains_every_option():
 
     result = CliRunner().invoke(app, ["--help"])
     assert result.exit_code == 0
-    for option in ["--label", "--n", "--out", "--format", "--seed", "--guidance-scale", "--steps", "--ldm"]:
+    for option in ["--label", "--n", "--out", "--format", "--seed", "--guidance-scale", "--guidance-max-t", "--steps",
+                   "--ldm"]:
         assert option in result.output
 
 
@@ -276,6 +301,7 @@ def test_generate_defaults_are_the_cohort_sampler_params():
 
     ldm = default_params()["ldm"]
     options = inspect.signature(app.registered_commands[0].callback).parameters
-    defaults = {name: options[name].default.default for name in ("guidance_scale", "steps", "clip_denoised", "eta")}
-    assert defaults == {"guidance_scale": ldm["guidance_scale"], "steps": ldm["num_inference_steps"],
-                        "clip_denoised": ldm["clip_denoised"], "eta": ldm["eta"]}
+    names = ("guidance_scale", "guidance_max_t", "steps", "clip_denoised", "eta")
+    defaults = {name: options[name].default.default for name in names}
+    assert defaults == {"guidance_scale": ldm["guidance_scale"], "guidance_max_t": ldm["guidance_max_t"],
+                        "steps": ldm["num_inference_steps"], "clip_denoised": ldm["clip_denoised"], "eta": ldm["eta"]}
