@@ -199,13 +199,13 @@ def test_guidance_interval_is_per_class(pipeline_run):
     torch.testing.assert_close(interval.step_output(z1, labels[[1]], 80, 2.0),  # unguided: the conditional output
                                interval.step_output(z1, labels[[1]], 80, 1.0), atol=1e-6, rtol=0)
     z = always.initial_noise([0, 1, 2, 3])
-    mixed = interval.denoise(z, labels, 2.0)  # float rounding may differ with the batch size, nothing more
-    torch.testing.assert_close(mixed[[0, 2]], interval.denoise(z[[0, 2]], labels[[0, 2]], 2.0), atol=1e-4, rtol=0)
-    torch.testing.assert_close(mixed[[1, 3]], interval.denoise(z[[1, 3]], labels[[1, 3]], 2.0), atol=1e-4, rtol=0)
+    mixed = interval.denoise(z, labels, 2.0)
+    torch.testing.assert_close(mixed[[0, 2]], interval.denoise(z[[0, 2]], labels[[0, 2]], 2.0), atol=1e-5, rtol=0)
+    torch.testing.assert_close(mixed[[1, 3]], interval.denoise(z[[1, 3]], labels[[1, 3]], 2.0), atol=1e-5, rtol=0)
     full = always.denoise(z, labels, 2.0)
-    torch.testing.assert_close(mixed[[0, 2]], full[[0, 2]], atol=1e-4, rtol=0)
-    changed = (mixed[[1, 3]] - full[[1, 3]]).abs().max()  # pneumonia lost its high-noise guidance
-    assert changed > 1e-4 and changed > 100 * (mixed[[0, 2]] - full[[0, 2]]).abs().max()
+    torch.testing.assert_close(mixed[[0, 2]], full[[0, 2]], atol=1e-5, rtol=0)
+    changed = (mixed[[1, 3]] - full[[1, 3]]).abs()  # pneumonia lost its high-noise guidance
+    assert changed.mean() > 1e-3 and changed.max() > 100 * (mixed[[0, 2]] - full[[0, 2]]).abs().max()
     with pytest.raises(ValueError, match="one timestep >= 0 per class"):
         Sampler(*models, **kw, guidance_max_t=[100])
 
