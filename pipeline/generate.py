@@ -43,8 +43,8 @@ def main(
     out: Path = typer.Option(..., help="Output folder (created if absent)."),
     fmt: Format = typer.Option(Format.png, "--format", help="png, dicom (synthetic Secondary Capture) or both."),
     seed: int = typer.Option(0, help="Image i uses seed seed + i."),
-    guidance_scale: float = typer.Option(4.0, min=0.0, help="Classifier-free guidance scale (1 = none; the cohorts "
-                                         "use ldm.guidance_scale, 4)."),
+    guidance_scale: float = typer.Option(2.0, min=0.0, help="Classifier-free guidance scale (1 = none; the cohorts "
+                                         "use ldm.guidance_scale, 2)."),
     guidance_max_t: list[int] = typer.Option([1000, 600], help="Per class (normal, then pneumonia; repeat the "
                                              "option): guide only at timesteps t <= this (guidance interval; 1000 = "
                                              "every step; the cohorts use ldm.guidance_max_t)."),
