@@ -24,9 +24,10 @@ from pipeline.counterfactual import DIRECTIONS, select_sources
 from pipeline.data import load_prepared
 from pipeline.diffusion import NULL_CLASS, clip_denoised_latents, guided_output, unet_args
 from pipeline.edit_io import read_image
-from pipeline.editing import (EditSettings, GuidanceReference, InversionLabel, Mask, Method, contrast_output,
-                              denoise_from, diffedit_mask, edit_at, edit_images, edit_latents, edit_timesteps, invert,
-                              invert_trajectory, mask_seeds, model_input, noise_to, similarity, unclamped)
+from pipeline.editing import (DEFAULT_STRENGTH, EditSettings, GuidanceReference, InversionLabel, Mask, Method,
+                              contrast_output, denoise_from, diffedit_mask, edit_at, edit_images, edit_latents,
+                              edit_timesteps, invert, invert_trajectory, mask_seeds, model_input, noise_to, similarity,
+                              unclamped)
 from pipeline.fid_ref import real_uint8
 from pipeline.sample import Sampler
 
@@ -163,7 +164,7 @@ def test_strength_zero_returns_the_source(tiny_sampler, test_images, method):
 
 
 def test_edit_command_defaults_are_the_stage_params():
-    from pipeline.editing import DEFAULT_STRENGTH, GUIDANCE_SCALE_OPTION
+    from pipeline.editing import GUIDANCE_SCALE_OPTION
 
     cf = default_params()["counterfactual"]
     assert DEFAULT_STRENGTH == {"pneumonia": cf["strength_to_pneumonia"], "normal": cf["strength_to_normal"]}
@@ -432,7 +433,7 @@ def test_edit_command_on_a_dicom_keeps_geometry_and_marks_it_derived(pipeline_ru
     assert ds.SourceImageSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
     assert [float(v) for v in ds.PixelSpacing] == [0.5, 0.5] and list(ds.PatientOrientation) == ["L", "F"]
     assert str(ds.PatientName) != "Doe^Jane" and ds.PatientID != "12345"
-    assert "strength=0.58" in ds.DerivationDescription  # the default strength to pneumonia
+    assert f"strength={DEFAULT_STRENGTH['pneumonia']:g}" in ds.DerivationDescription  # the default to pneumonia
     assert (tmp_path / "out/xray_to_pneumonia_difference.png").is_file()
     # the change lives in the centre square; the columns outside it keep the source's grey levels
     src = read_image(tmp_path / "xray.dcm").pixels
