@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+import sqlalchemy
 import torch
 from monai.networks.nets import DiffusionModelUNet
 
@@ -61,13 +62,37 @@ def open_storage(url: str) -> optuna.storages.RDBStorage:
     SQLite waits up to 2 min for a lock (several local workers write to one file); a heartbeat marks the trials of a
     worker that died as failed after 2 min, so the study goes on without them.
     """
-    kwargs = {"connect_args": {"timeout": 120}} if url.startswith("sqlite") else {"pool_pre_ping": True}
+    sqlite = url.startswith("sqlite")
+    kwargs = {"connect_args": {"timeout": 120}} if sqlite else {"pool_pre_ping": True}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         try:
-            return optuna.storages.RDBStorage(url, engine_kwargs=kwargs, heartbeat_interval=30, grace_period=120)
+            storage = optuna.storages.RDBStorage(url, engine_kwargs=kwargs, heartbeat_interval=30, grace_period=120)
         except Exception as exc:  # SQLAlchemy raises many types (bad URL, missing driver, unreachable server)
             raise PipelineError(f"cannot open the study storage {url!r}: {exc}") from exc
+    if sqlite:
+        _serialize_sqlite(storage.engine)
+    return storage
+
+
+def _serialize_sqlite(engine: sqlalchemy.engine.Engine) -> None:
+    """Make every transaction on an SQLite engine take the database's write lock when it begins.
+
+    Optuna claims a queued trial by reading its state and setting it to RUNNING in one transaction, with ``SELECT ...
+    FOR UPDATE``, which SQLite ignores: two workers could both read WAITING and both run the trial (the second then
+    crashed with ``UpdateFinishedTrialError`` when the first finished it). ``BEGIN IMMEDIATE`` makes the read and the
+    write one step (SQLAlchemy's recipe for serializable pysqlite transactions); a worker waits for the lock instead.
+    """
+
+    @sqlalchemy.event.listens_for(engine, "connect")
+    def _no_implicit_begin(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.isolation_level = None  # the driver no longer opens transactions itself ...
+
+    @sqlalchemy.event.listens_for(engine, "begin")
+    def _begin_immediate(connection: sqlalchemy.engine.Connection) -> None:
+        connection.exec_driver_sql("BEGIN IMMEDIATE")  # ... SQLAlchemy opens each one, holding the write lock
+
+    engine.dispose()  # connections opened while Optuna created its tables are dropped; new ones get the listeners
 
 
 def parse_channels(option: str) -> list[int]:
