@@ -14,11 +14,27 @@ from typing import Sequence
 import pytest
 import yaml
 
-from pipeline.cli import run_stage
+# Under pytest-xdist (pyproject.toml: one worker per core), each worker and the stages it starts get their share of
+# the cores, so that N workers do not each start a thread per core. Set before torch is first imported.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _WORKERS)))
+
+from pipeline.cli import run_stage  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "tests" / "params_tiny.yaml"
 REAL_NPZ = Path(os.environ.get("PNEUMONIAMNIST_NPZ", REPO.parent / "shared" / "data" / "pneumoniamnist.npz"))
+
+
+# With whole files per xdist worker the longest file bounds the suite, so it is scheduled first. It builds the shared
+# tiny `dvc repro` project (tests/dvc_project.py); the other file that needs it goes last, by when it is built.
+FIRST, LAST = ("test_dvc.py",), ("test_dvc_sampling.py",)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Order the test files for the workers: :data:`FIRST` first, :data:`LAST` last, the rest as collected."""
+    items.sort(key=lambda item: 0 if item.path.name in FIRST else 2 if item.path.name in LAST else 1)
 
 
 def default_params() -> dict:
