@@ -45,6 +45,11 @@ def stale_stages(cwd: Path) -> set[str]:
     return set(status)
 
 
+def ran_stages(repro_stdout: str) -> set[str]:
+    """The stages a `dvc repro` ran, from its "Running stage 'name':" lines."""
+    return {line.split("'")[1] for line in repro_stdout.splitlines() if line.startswith("Running stage")}
+
+
 def restore(cwd: Path) -> None:
     """Back to the committed tiny run without rerunning it: git restores params.yaml, dvc.lock and the uncached
     metrics, ``dvc checkout`` the cached outputs. (A ``dvc repro`` back at the original params reran the changed

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dvc_project import downstream, dvc, project_copy, restore, stale_stages
+from dvc_project import downstream, dvc, project_copy, ran_stages, restore, stale_stages
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +42,7 @@ def test_a_param_reruns_only_its_stage_and_what_follows(project):
     try:
         assert stale_stages(project) == {"train_autoencoder"}  # dvc status lists the stage whose deps changed
         out = dvc(project, "repro").stdout
-        ran = {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
+        ran = ran_stages(out)
         assert ran == downstream(project, "train_autoencoder")
         assert {"evaluate_autoencoder", "encode_latents", "tune", "train_ldm", "sample", "fid"} <= ran
         assert not ran & {"prepare", "fid_ref", "train_classifier"}

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dvc_project import downstream, dvc, project_copy, restore, stale_stages
+from dvc_project import downstream, dvc, project_copy, ran_stages, restore, stale_stages
 from pipeline.guidance_sweep import SAMPLER_KEYS
 
 
@@ -32,7 +32,7 @@ def test_sampling_params_never_retrain(project, key, value):
         if key == "guidance_scale":  # run it for real once: only sample and fid run
             out = dvc(project, "repro").stdout
             assert "'train_ldm' didn't change" in out or "train_ldm" not in out
-            ran = {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
+            ran = ran_stages(out)
             assert ran == downstream(project, "sample") and {"sample", "fid", "sampling_speed"} <= ran
             assert not ran & {"train_autoencoder", "encode_latents", "tune", "train_ldm", "train_classifier"}
             diff = json.loads(dvc(project, "metrics", "diff", "--all", "--json").stdout)["metrics/fid.json"]
