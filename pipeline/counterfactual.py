@@ -34,9 +34,9 @@ from pipeline.cli import PipelineError, params_option, run_stage
 from pipeline.data import CLASSES
 from pipeline.diffmaps import save_edit_rows
 from pipeline.editing import (CLIP_DENOISED_OPTION, GUIDANCE_REFERENCE_OPTION, GUIDANCE_SCALE_OPTION,
-                              INVERSION_LABEL_OPTION, MASK_NOISE_DRAWS_OPTION, MASK_OPTION, MASK_THRESHOLD_OPTION,
-                              METHOD_OPTION, EditSettings, GuidanceReference, InversionLabel, Mask,
-                              Method, edit_at, flips_to, similarity, strength_option)
+                              INVERSION_GUIDANCE_OPTION, INVERSION_LABEL_OPTION, MASK_NOISE_DRAWS_OPTION, MASK_OPTION,
+                              MASK_THRESHOLD_OPTION, METHOD_OPTION, EditSettings, GuidanceReference, InversionLabel,
+                              Mask, Method, edit_at, flips_to, similarity, strength_option)
 from pipeline.fid_ref import real_uint8
 from pipeline.models import pick_device
 from pipeline.sample import Sampler
@@ -149,6 +149,7 @@ def main(
     strength_to_normal: float = strength_option("normal"),
     method: Method = METHOD_OPTION,
     inversion_label: InversionLabel = INVERSION_LABEL_OPTION,
+    inversion_guidance: float = INVERSION_GUIDANCE_OPTION,
     guidance_scale: float = GUIDANCE_SCALE_OPTION,
     num_inference_steps: int = typer.Option(50, min=1, help="DDIM steps of a full schedule; an edit of strength "
                                             "t0 runs about t0 x this many steps up and as many down."),
@@ -176,7 +177,7 @@ def main(
     sampler = Sampler(ldm, autoencoder, num_inference_steps, pick_device(), clip_denoised)
     evaluator = load_classifier(classifier)
     settings = EditSettings(0.0, method, inversion_label, guidance_scale, guidance_reference, mask,
-                            mask_threshold, mask_noise_draws)
+                            mask_threshold, mask_noise_draws, inversion_guidance)
     to = np.array([strength_to_normal, strength_to_pneumonia])  # strength per target label
 
     def edit(x: np.ndarray, a: np.ndarray, b: np.ndarray, s: float | np.ndarray, desc: str) -> np.ndarray:
@@ -209,7 +210,8 @@ def main(
         write_json(tmp_metrics, result)
         write_tsv(tmp_curve, rows)
         save_sweep_figure(tmp_fig, rows, f"counterfactual edits: {method.value}, inversion label "
-                          f"{inversion_label.value}, guidance {guidance_scale:g}, mask {mask.value}, "
+                          f"{inversion_label.value} (guidance {inversion_guidance:g}), guidance {guidance_scale:g}, "
+                          f"mask {mask.value}, "
                           f"{num_inference_steps} DDIM steps")
         idx, row_labels = panel_rows(src, test_index, p_source, p_edit, n_panels)
         save_edit_rows(tmp_pan, sources[idx], edits[idx], row_labels,

@@ -29,9 +29,9 @@ from pipeline.data import CLASSES
 from pipeline.diffmaps import save_edit_rows
 from pipeline.edit_io import apply_change, derived_dicom, model_view, read_image, unflip, write_png
 from pipeline.editing import (CLIP_DENOISED_OPTION, DEFAULT_STRENGTH, GUIDANCE_REFERENCE_OPTION, GUIDANCE_SCALE_OPTION,
-                              INVERSION_LABEL_OPTION, MASK_NOISE_DRAWS_OPTION, MASK_OPTION, MASK_THRESHOLD_OPTION,
-                              METHOD_OPTION, STRENGTH_HELP, EditSettings, GuidanceReference, InversionLabel, Mask,
-                              Method, edit_images)
+                              INVERSION_GUIDANCE_OPTION, INVERSION_LABEL_OPTION, MASK_NOISE_DRAWS_OPTION, MASK_OPTION,
+                              MASK_THRESHOLD_OPTION, METHOD_OPTION, STRENGTH_HELP, EditSettings, GuidanceReference,
+                              InversionLabel, Mask, Method, edit_images)
 from pipeline.generate import Label
 from pipeline.models import pick_device
 from pipeline.sample import Sampler
@@ -66,6 +66,7 @@ def main(
                                            "source) and the edit back."),
     method: Method = METHOD_OPTION,
     inversion_label: InversionLabel = INVERSION_LABEL_OPTION,
+    inversion_guidance: float = INVERSION_GUIDANCE_OPTION,
     guidance_scale: float = GUIDANCE_SCALE_OPTION,
     steps: int = typer.Option(50, min=1, help="DDIM steps of a full schedule (an edit runs about t0 x steps up "
                               "and as many down)."),
@@ -91,7 +92,7 @@ def main(
     small = model_view(read.pixels, size)[None]
     sampler = Sampler(ldm, autoencoder, steps, pick_device(), clip_denoised)
     settings = EditSettings(strength, method, inversion_label, guidance_scale, guidance_reference, mask,
-                            mask_threshold, mask_noise_draws)
+                            mask_threshold, mask_noise_draws, inversion_guidance)
     a, b = np.array([src_label]), np.array([tgt_label])
     edit = edit_images(sampler, small, a, b, settings, [seed], 1, "edit")
     back = edit_images(sampler, edit, b, a, replace(settings, strength=back_strength), [seed], 1, "edit back")
@@ -100,7 +101,8 @@ def main(
     out.mkdir(parents=True, exist_ok=True)
     stem = f"{image.stem}_to_{target.value}"
     desc = (f"counterfactual {CLASSES[src_label]}->{target.value} strength={strength:g} method={method.value} "
-            f"inversion_label={inversion_label.value} guidance={guidance_scale:g} "
+            f"inversion_label={inversion_label.value} inversion_guidance={inversion_guidance:g} "
+            f"guidance={guidance_scale:g} "
             f"guidance_reference={guidance_reference.value} mask={mask.value} mask_threshold={mask_threshold:g} "
             f"ddim_steps={steps} seed={seed}")
     if read.dataset is not None:

@@ -6,7 +6,9 @@ denoises it back under the *target* label with classifier-free guidance, decodes
 - ``ddim_inversion``: the deterministic DDIM ODE run backwards (Song et al., "Denoising Diffusion Implicit Models",
   ICLR 2021, Sec. 4.3; Dhariwal & Nichol, NeurIPS 2021, App. F), guidance 1 under the source label (or the null
   label). Denoising the inverted latent under the *same* label gives the source back (up to the discretisation), so
-  what changes is what the label changes.
+  what changes is what the label changes. With ``inversion_guidance`` w > 1 the inversion runs the *guided* ODE of
+  the source label instead, ``ε_∅ + w (ε_source − ε_∅)``: with w equal to the denoising's guidance, a null edit
+  (target = source) retraces the same ODE back to the source.
 - ``sdedit``: Gaussian noise added in one jump (Meng et al., "SDEdit", ICLR 2022); the noise is fresh, so the image
   keeps only its coarse layout.
 
@@ -55,7 +57,7 @@ __all__ = ["Method", "InversionLabel", "GuidanceReference", "Mask", "EditSetting
            "edit_latents", "unclamped", "model_input", "edit_images", "edit_at", "similarity", "flips_to",
            "DEFAULT_STRENGTH", "STRENGTH_HELP", "strength_option", "METHOD_OPTION", "INVERSION_LABEL_OPTION",
            "GUIDANCE_SCALE_OPTION", "GUIDANCE_REFERENCE_OPTION", "MASK_OPTION", "MASK_THRESHOLD_OPTION",
-           "MASK_NOISE_DRAWS_OPTION", "CLIP_DENOISED_OPTION"]
+           "MASK_NOISE_DRAWS_OPTION", "INVERSION_GUIDANCE_OPTION", "CLIP_DENOISED_OPTION"]
 
 PSNR_CAP_DB = 100.0
 """PSNR of identical images is infinite; JSON metrics must be finite, so per-image PSNR is capped here."""
@@ -109,6 +111,9 @@ class EditSettings:
         mask_threshold: a latent cell is inside the DiffEdit mask when its normalised disagreement (0 = least, 1 = most
             in that image) is at least this, in [0, 1]; lower = a larger mask.
         mask_noise_draws: noise draws the DiffEdit disagreement is averaged over (each costs one batched U-Net pass).
+        inversion_guidance: classifier-free guidance of the DDIM inversion under ``inversion_label``, from the null
+            class (1 = the plain conditional ODE; the guidance of the denoising = a null edit is the round trip of
+            one ODE).
     """
 
     strength: float
@@ -119,6 +124,7 @@ class EditSettings:
     mask: Mask = Mask.none
     mask_threshold: float = 0.5
     mask_noise_draws: int = 4
+    inversion_guidance: float = 1.0
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.strength <= 1.0:
@@ -127,6 +133,8 @@ class EditSettings:
             raise PipelineError(f"edit mask_threshold must be in [0, 1], got {self.mask_threshold}")
         if self.mask_noise_draws < 1:
             raise PipelineError(f"edit mask_noise_draws must be at least 1, got {self.mask_noise_draws}")
+        if self.inversion_guidance < 0.0:
+            raise PipelineError(f"edit inversion_guidance must be at least 0, got {self.inversion_guidance}")
 
 
 # Command-line options of an edit, shared by the counterfactual stage and the edit command (one help text each; the
@@ -160,6 +168,9 @@ MASK_OPTION = typer.Option(Mask.none, help="none (the whole image may change) or
 MASK_THRESHOLD_OPTION = typer.Option(0.3, min=0.0, max=1.0, help="DiffEdit mask: cells whose normalised "
                                      "disagreement (0-1 per image) is at least this are edited; lower = larger.")
 MASK_NOISE_DRAWS_OPTION = typer.Option(4, min=1, help="DiffEdit mask: noise draws the disagreement is averaged over.")
+INVERSION_GUIDANCE_OPTION = typer.Option(1.0, min=0.0, help="Classifier-free guidance of the DDIM inversion under "
+                                         "its label (1 = none; = --guidance-scale makes a null edit the round trip "
+                                         "of one ODE).")
 CLIP_DENOISED_OPTION = typer.Option(0.0, min=0.0, help="Clamp the predicted clean latent to ±this while denoising "
                                     "(normalised latent units, 0 = off; the inversion never clamps).")
 
@@ -192,8 +203,8 @@ def _t(t: int, z: torch.Tensor) -> torch.Tensor:
 
 @torch.inference_mode()
 def invert_trajectory(unet: torch.nn.Module, scheduler: DDIMScheduler, z: torch.Tensor, labels: torch.Tensor,
-                      timesteps: list[int]) -> list[torch.Tensor]:
-    """DDIM inversion (guidance 1), every latent on the way: ``[z at timesteps[0], …, z at timesteps[-1]]``.
+                      timesteps: list[int], guidance_scale: float = 1.0) -> list[torch.Tensor]:
+    """DDIM inversion, every latent on the way: ``[z at timesteps[0], …, z at timesteps[-1]]``.
 
     Args:
         unet: the class-conditional diffusion U-Net.
@@ -201,18 +212,22 @@ def invert_trajectory(unet: torch.nn.Module, scheduler: DDIMScheduler, z: torch.
         z: normalised latents N×C×h×w.
         labels: conditioning of each latent (0, 1 or :data:`~pipeline.diffusion.NULL_CLASS`).
         timesteps: the edit's grid, increasing.
+        guidance_scale: classifier-free guidance from the null class (:func:`contrast_output`); 1 = one conditional
+            pass per step.
     """
     out = [z]
+    null = torch.full_like(labels, NULL_CLASS)
     for t in timesteps[:-1]:
-        out.append(scheduler.reversed_step(unet(out[-1], timesteps=_t(t, z), class_labels=labels), t, out[-1])[0])
+        eps = contrast_output(unet, out[-1], _t(t, z), labels, null, guidance_scale)
+        out.append(scheduler.reversed_step(eps, t, out[-1])[0])
     return out
 
 
 def invert(unet: torch.nn.Module, scheduler: DDIMScheduler, z: torch.Tensor, labels: torch.Tensor,
-           timesteps: list[int]) -> torch.Tensor:
+           timesteps: list[int], guidance_scale: float = 1.0) -> torch.Tensor:
     """DDIM inversion: clean latents at ``timesteps[0]`` -> latents at ``timesteps[-1]`` (the last latent of
     :func:`invert_trajectory`, same arguments)."""
-    return invert_trajectory(unet, scheduler, z, labels, timesteps)[-1]
+    return invert_trajectory(unet, scheduler, z, labels, timesteps, guidance_scale)[-1]
 
 
 def contrast_output(unet: torch.nn.Module, z: torch.Tensor, t: torch.Tensor, labels: torch.Tensor,
@@ -317,7 +332,8 @@ def edit_latents(sampler: Sampler, z: torch.Tensor, source: torch.Tensor, target
     else:
         unconditional = settings.inversion_label == InversionLabel.unconditional
         cond = torch.full_like(source, NULL_CLASS) if unconditional else source
-        trajectory = invert_trajectory(sampler.unet, unclamped(sampler.scheduler), z, cond, ts)
+        trajectory = invert_trajectory(sampler.unet, unclamped(sampler.scheduler), z, cond, ts,
+                                       settings.inversion_guidance)
     mask = None
     if settings.mask == Mask.diffedit and len(ts) > 1:
         noises = [sampler.initial_noise(mask_seeds(seeds, d)).to(z.device) for d in range(settings.mask_noise_draws)]
