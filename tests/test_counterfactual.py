@@ -399,6 +399,8 @@ def model_args(ws) -> list[str]:
 
 
 def test_edit_command_on_a_png_matches_the_library(pipeline_run, test_images, tmp_path):
+    from pipeline.editing import GUIDANCE_SCALE_OPTION, INVERSION_GUIDANCE_OPTION
+
     images, labels = test_images
     k = int(np.flatnonzero(labels == 0)[0])
     Image.fromarray(images[k], mode="L").save(tmp_path / "child.png")
@@ -412,7 +414,8 @@ def test_edit_command_on_a_png_matches_the_library(pipeline_run, test_images, tm
     sampler = Sampler(pipeline_run / "models/ldm", pipeline_run / "models/autoencoder", 10, torch.device("cpu"),
                       clip_denoised=0.0)  # the command's default --clip-denoised
     expected = edit_images(sampler, images[k:k + 1], np.array([0]), np.array([1]),
-                           EditSettings(0.5, guidance_scale=7.0), [0], 1)  # the command's default --guidance-scale
+                           EditSettings(0.5, guidance_scale=GUIDANCE_SCALE_OPTION.default,
+                                        inversion_guidance=INVERSION_GUIDANCE_OPTION.default), [0], 1)  # its defaults
     assert np.abs(out.astype(int) - expected[0].astype(int)).max() <= 1
     assert (tmp_path / "out/child_to_pneumonia_difference.png").is_file()
 
