@@ -210,9 +210,8 @@ def main(
         write_json(tmp_metrics, result)
         write_tsv(tmp_curve, rows)
         save_sweep_figure(tmp_fig, rows, f"counterfactual edits: {method.value}, inversion label "
-                          f"{inversion_label.value} (guidance {inversion_guidance:g}), guidance {guidance_scale:g}, "
-                          f"mask {mask.value}, "
-                          f"{num_inference_steps} DDIM steps")
+                          f"{inversion_label.value} (guidance {inversion_guidance:g}),\nguidance {guidance_scale:g}, "
+                          f"mask {mask.value}, {num_inference_steps} DDIM steps")
         idx, row_labels = panel_rows(src, test_index, p_source, p_edit, n_panels)
         save_edit_rows(tmp_pan, sources[idx], edits[idx], row_labels,
                        f"counterfactual edits of real {split.value} images, t0 {strength_to_pneumonia:g} (n2p) / "
