@@ -24,10 +24,10 @@ from pipeline.counterfactual import DIRECTIONS, select_sources
 from pipeline.data import load_prepared
 from pipeline.diffusion import NULL_CLASS, clip_denoised_latents, guided_output, unet_args
 from pipeline.edit_io import read_image
-from pipeline.editing import (DEFAULT_STRENGTH, EditSettings, GuidanceReference, InversionLabel, Mask, Method,
-                              contrast_output, denoise_from, diffedit_mask, edit_at, edit_images, edit_latents,
-                              edit_timesteps, invert, invert_trajectory, mask_seeds, model_input, noise_to, similarity,
-                              unclamped)
+from pipeline.editing import (DEFAULT_STRENGTH, GUIDANCE_SCALE_OPTION, INVERSION_GUIDANCE_OPTION, EditSettings,
+                              GuidanceReference, InversionLabel, Mask, Method, contrast_output, denoise_from,
+                              diffedit_mask, edit_at, edit_images, edit_latents, edit_timesteps, invert,
+                              invert_trajectory, mask_seeds, model_input, noise_to, similarity, unclamped)
 from pipeline.fid_ref import real_uint8
 from pipeline.sample import Sampler
 
@@ -183,8 +183,6 @@ def test_strength_zero_returns_the_source(tiny_sampler, test_images, method):
 
 
 def test_edit_command_defaults_are_the_stage_params():
-    from pipeline.editing import GUIDANCE_SCALE_OPTION, INVERSION_GUIDANCE_OPTION
-
     cf = default_params()["counterfactual"]
     assert DEFAULT_STRENGTH == {"pneumonia": cf["strength_to_pneumonia"], "normal": cf["strength_to_normal"]}
     assert GUIDANCE_SCALE_OPTION.default == cf["guidance_scale"]
@@ -399,8 +397,6 @@ def model_args(ws) -> list[str]:
 
 
 def test_edit_command_on_a_png_matches_the_library(pipeline_run, test_images, tmp_path):
-    from pipeline.editing import GUIDANCE_SCALE_OPTION, INVERSION_GUIDANCE_OPTION
-
     images, labels = test_images
     k = int(np.flatnonzero(labels == 0)[0])
     Image.fromarray(images[k], mode="L").save(tmp_path / "child.png")
