@@ -134,7 +134,8 @@ def test_ddim_inversion_round_trip_on_the_trained_model(tiny_sampler, test_image
     y = torch.from_numpy(labels[:8]).long()
     seeds = list(range(8))
     errors = {}
-    for name, settings in {"inversion": EditSettings(0.5, Method.ddim_inversion, InversionLabel.source, 1.0),
+    for name, settings in {"inversion": EditSettings(0.5, Method.ddim_inversion, InversionLabel.source, 1.0,
+                                                     inversion_guidance=1.0),
                            "sdedit": EditSettings(0.5, Method.sdedit, InversionLabel.source, 1.0)}.items():
         errors[name] = (edit_latents(tiny_sampler, z, y, y, settings, seeds) - z).abs().mean().item()
     errors["random"] = (tiny_sampler.initial_noise(seeds) - z).abs().mean().item()
@@ -151,9 +152,11 @@ def test_guided_inversion_makes_the_null_edit_the_round_trip_of_one_ode(tiny_sam
     z = tiny_sampler.encode(model_input(images[:8], tiny_sampler.pad))
     y = torch.from_numpy(labels[:8]).long()
     seeds = list(range(8))
-    plain, guided = EditSettings(0.5, guidance_scale=7.0), EditSettings(0.5, guidance_scale=7.0, inversion_guidance=7.0)
+    plain = EditSettings(0.5, guidance_scale=7.0, inversion_guidance=1.0)
+    guided = EditSettings(0.5, guidance_scale=7.0, inversion_guidance=7.0)
+    unguided = EditSettings(0.5, guidance_scale=1.0, inversion_guidance=1.0)
     err = {name: (edit_latents(tiny_sampler, z, y, y, s, seeds) - z).abs().mean().item()
-           for name, s in (("plain", plain), ("guided", guided), ("unguided", EditSettings(0.5, guidance_scale=1.0)))}
+           for name, s in (("plain", plain), ("guided", guided), ("unguided", unguided))}
     assert err["guided"] < 1.25 * err["unguided"], err  # measured 0.0053 vs 0.0054 (plain 0.0195)
     assert err["guided"] < 0.5 * err["plain"], err
     assert not torch.allclose(edit_latents(tiny_sampler, z, y, 1 - y, plain, seeds),
@@ -187,6 +190,11 @@ def test_edit_command_defaults_are_the_stage_params():
     assert DEFAULT_STRENGTH == {"pneumonia": cf["strength_to_pneumonia"], "normal": cf["strength_to_normal"]}
     assert GUIDANCE_SCALE_OPTION.default == cf["guidance_scale"]
     assert INVERSION_GUIDANCE_OPTION.default == cf["inversion_guidance"]
+    library = EditSettings(0.0)  # a library call edits as the stage does
+    assert (library.method.value, library.inversion_label.value, library.guidance_scale, library.inversion_guidance,
+            library.guidance_reference.value, library.mask.value, library.mask_threshold, library.mask_noise_draws) == (
+        cf["method"], cf["inversion_label"], cf["guidance_scale"], cf["inversion_guidance"], cf["guidance_reference"],
+        cf["mask"], cf["mask_threshold"], cf["mask_noise_draws"])
 
 
 def test_edit_at_gives_each_image_its_own_strength(tiny_sampler, test_images):
@@ -209,7 +217,8 @@ def source_latents(tiny_sampler, test_images) -> tuple[torch.Tensor, torch.Tenso
 
 @pytest.mark.parametrize("method", list(Method))
 def test_without_a_mask_an_edit_is_inversion_then_guided_denoising_bitwise(tiny_sampler, source_latents, method):
-    # mask none must be exactly the edit before masks existed: invert (or noise) to t0, denoise under the target
+    # mask none must be exactly the edit before masks existed: invert (under the default guidance 7) or noise to t0,
+    # denoise under the target
     z, y = source_latents
     seeds = [0, 1, 2, 3]
     settings = EditSettings(0.4, method, guidance_scale=3.0)
@@ -217,7 +226,7 @@ def test_without_a_mask_an_edit_is_inversion_then_guided_denoising_bitwise(tiny_
     if method == Method.sdedit:
         zt = noise_to(tiny_sampler.scheduler, z, tiny_sampler.initial_noise(seeds), ts[-1])
     else:
-        zt = invert(tiny_sampler.unet, unclamped(tiny_sampler.scheduler), z, y, ts)
+        zt = invert(tiny_sampler.unet, unclamped(tiny_sampler.scheduler), z, y, ts, settings.inversion_guidance)
     expected = denoise_from(tiny_sampler.unet, tiny_sampler.scheduler, zt, 1 - y, 3.0, ts)
     assert torch.equal(edit_latents(tiny_sampler, z, y, 1 - y, settings, seeds), expected)
 

@@ -137,6 +137,15 @@ def test_ema_follows_the_decay_after_warm_up():
     assert torch.allclose(ema.module.weight, 0.9 * before + 0.1 * 3.0)
 
 
+def test_the_default_ema_decay_binds_only_from_step_8990():
+    """(1 + n)/(10 + n) < 0.999 until n = 8990: the default run (120 epochs, 8880 steps) averages under the warm-up."""
+    f, zero, one = ema_avg_fn(0.999), torch.zeros(()), torch.ones(())
+    weight_of_current = {n: float(f(zero, one, torch.tensor(n))) for n in (4439, 8879, 8989, 8990, 20000)}
+    assert weight_of_current[4439] == pytest.approx(9 / 4449) and weight_of_current[8879] == pytest.approx(9 / 8889)
+    assert weight_of_current[8989] > 0.001 + 1e-9
+    assert weight_of_current[8990] == pytest.approx(0.001) and weight_of_current[20000] == pytest.approx(0.001)
+
+
 def test_train_ldm_outputs(pipeline_run):
     unet, config = load_model(pipeline_run / "models/ldm", REGISTRY)
     assert config["class"] == "DiffusionModelUNet" and config["args"]["num_class_embeds"] == 3
