@@ -37,7 +37,7 @@ the denoising clamps; the inversion never does, since clamping would change a re
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, replace
+from dataclasses import MISSING, dataclass, fields, replace
 from enum import Enum
 
 import numpy as np
@@ -92,16 +92,12 @@ class Mask(str, Enum):
     none = "none"
     diffedit = "diffedit"
 
-# The val-chosen edit settings of params.yaml's counterfactual section (README, "Counterfactual editing"): the defaults
-# of EditSettings and of the command-line options, so a library call edits as the stage and the edit command do.
-DEFAULT_GUIDANCE_SCALE = 7.0
-DEFAULT_INVERSION_GUIDANCE = 7.0
-DEFAULT_MASK_THRESHOLD = 0.3
-
 
 @dataclass(frozen=True)
 class EditSettings:
-    """How to edit. The defaults are the pipeline's (params.yaml, ``counterfactual``), strength aside.
+    """How to edit. The defaults are the val-chosen settings of params.yaml's ``counterfactual`` section (README,
+    "Counterfactual editing"), strength aside; the command-line options take theirs from here, so a library call
+    edits as the stage and the edit command do.
 
     Args:
         strength: fraction of the schedule the edit goes up, in [0, 1].
@@ -125,12 +121,12 @@ class EditSettings:
     strength: float
     method: Method = Method.ddim_inversion
     inversion_label: InversionLabel = InversionLabel.source
-    guidance_scale: float = DEFAULT_GUIDANCE_SCALE
+    guidance_scale: float = 7.0
     guidance_reference: GuidanceReference = GuidanceReference.unconditional
     mask: Mask = Mask.none
-    mask_threshold: float = DEFAULT_MASK_THRESHOLD
+    mask_threshold: float = 0.3
     mask_noise_draws: int = 4
-    inversion_guidance: float = DEFAULT_INVERSION_GUIDANCE
+    inversion_guidance: float = 7.0
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.strength <= 1.0:
@@ -144,7 +140,8 @@ class EditSettings:
 
 
 # Command-line options of an edit, shared by the counterfactual stage and the edit command (one help text each; the
-# defaults are the val-chosen settings of params.yaml's counterfactual section, which the stage reads instead).
+# defaults are EditSettings', which the stage reads from params.yaml instead).
+_D = {f.name: f.default for f in fields(EditSettings) if f.default is not MISSING}
 DEFAULT_STRENGTH = {"pneumonia": 0.44, "normal": 0.46}
 """Edit strength per target class: the smallest t0 whose edits of 100 real val images, with guided inversion, flip the
 evaluator at least 0.90 of the time (README, "Counterfactual editing"); params.yaml's counterfactual section holds the
@@ -161,24 +158,25 @@ def strength_option(target: str) -> typer.models.OptionInfo:
                         f"{STRENGTH_HELP} metrics/plots/counterfactual_sweep.png shows flip rate against SSIM per t0.")
 
 
-METHOD_OPTION = typer.Option(Method.ddim_inversion, help="ddim_inversion (deterministic, keeps the anatomy) or "
-                             "sdedit (fresh noise to t0, then denoise).")
-INVERSION_LABEL_OPTION = typer.Option(InversionLabel.source, help="Label the DDIM inversion is conditioned on: "
-                                      "source, or unconditional (the null class).")
-GUIDANCE_SCALE_OPTION = typer.Option(DEFAULT_GUIDANCE_SCALE, min=0.0, help="Classifier-free guidance towards the "
-                                     "target label (1 = none).")
+METHOD_OPTION = typer.Option(_D["method"], help="ddim_inversion (deterministic, keeps the anatomy) or sdedit (fresh "
+                             "noise to t0, then denoise).")
+INVERSION_LABEL_OPTION = typer.Option(_D["inversion_label"], help="Label the DDIM inversion is conditioned on: source, "
+                                      "or unconditional (the null class).")
+GUIDANCE_SCALE_OPTION = typer.Option(_D["guidance_scale"], min=0.0, help="Classifier-free guidance towards the target "
+                                     "label (1 = none).")
 GUIDANCE_REFERENCE_OPTION = typer.Option(
-    GuidanceReference.unconditional, help="What guidance extrapolates from: unconditional (usual classifier-free "
-    "guidance) or source (only what differs between the source and target predictions is amplified).")
-MASK_OPTION = typer.Option(Mask.none, help="none (the whole image may change) or diffedit (only where the target "
-                           "and source labels' noise predictions disagree; outside, the source latent is kept).")
-MASK_THRESHOLD_OPTION = typer.Option(DEFAULT_MASK_THRESHOLD, min=0.0, max=1.0, help="DiffEdit mask: cells whose "
+    _D["guidance_reference"], help="What guidance extrapolates from: unconditional (usual classifier-free guidance) or "
+    "source (only what differs between the source and target predictions is amplified).")
+MASK_OPTION = typer.Option(_D["mask"], help="none (the whole image may change) or diffedit (only where the target and "
+                           "source labels' noise predictions disagree; outside, the source latent is kept).")
+MASK_THRESHOLD_OPTION = typer.Option(_D["mask_threshold"], min=0.0, max=1.0, help="DiffEdit mask: cells whose "
                                      "normalised disagreement (0-1 per image) is at least this are edited; lower = "
                                      "larger.")
-MASK_NOISE_DRAWS_OPTION = typer.Option(4, min=1, help="DiffEdit mask: noise draws the disagreement is averaged over.")
-INVERSION_GUIDANCE_OPTION = typer.Option(DEFAULT_INVERSION_GUIDANCE, min=0.0, help="Classifier-free guidance of "
-                                         "the DDIM inversion under its label (1 = none; = --guidance-scale makes a "
-                                         "null edit the round trip of one ODE).")
+MASK_NOISE_DRAWS_OPTION = typer.Option(_D["mask_noise_draws"], min=1, help="DiffEdit mask: noise draws the "
+                                       "disagreement is averaged over.")
+INVERSION_GUIDANCE_OPTION = typer.Option(_D["inversion_guidance"], min=0.0, help="Classifier-free guidance of the DDIM "
+                                         "inversion under its label (1 = none; = --guidance-scale makes a null edit "
+                                         "the round trip of one ODE).")
 CLIP_DENOISED_OPTION = typer.Option(0.0, min=0.0, help="Clamp the predicted clean latent to ±this while denoising "
                                     "(normalised latent units, 0 = off; the inversion never clamps).")
 

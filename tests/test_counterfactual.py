@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from enum import Enum
 
 import numpy as np
 import pydicom
@@ -24,10 +25,12 @@ from pipeline.counterfactual import DIRECTIONS, select_sources
 from pipeline.data import load_prepared
 from pipeline.diffusion import NULL_CLASS, clip_denoised_latents, guided_output, unet_args
 from pipeline.edit_io import read_image
-from pipeline.editing import (DEFAULT_STRENGTH, GUIDANCE_SCALE_OPTION, INVERSION_GUIDANCE_OPTION, EditSettings,
-                              GuidanceReference, InversionLabel, Mask, Method, contrast_output, denoise_from,
-                              diffedit_mask, edit_at, edit_images, edit_latents, edit_timesteps, invert,
-                              invert_trajectory, mask_seeds, model_input, noise_to, similarity, unclamped)
+from pipeline.editing import (DEFAULT_STRENGTH, GUIDANCE_REFERENCE_OPTION, GUIDANCE_SCALE_OPTION,
+                              INVERSION_GUIDANCE_OPTION, INVERSION_LABEL_OPTION, MASK_NOISE_DRAWS_OPTION, MASK_OPTION,
+                              MASK_THRESHOLD_OPTION, METHOD_OPTION, EditSettings, GuidanceReference, InversionLabel,
+                              Mask, Method, contrast_output, denoise_from, diffedit_mask, edit_at, edit_images,
+                              edit_latents, edit_timesteps, invert, invert_trajectory, mask_seeds, model_input,
+                              noise_to, similarity, unclamped)
 from pipeline.fid_ref import real_uint8
 from pipeline.sample import Sampler
 
@@ -188,8 +191,13 @@ def test_strength_zero_returns_the_source(tiny_sampler, test_images, method):
 def test_edit_command_defaults_are_the_stage_params():
     cf = default_params()["counterfactual"]
     assert DEFAULT_STRENGTH == {"pneumonia": cf["strength_to_pneumonia"], "normal": cf["strength_to_normal"]}
-    assert GUIDANCE_SCALE_OPTION.default == cf["guidance_scale"]
-    assert INVERSION_GUIDANCE_OPTION.default == cf["inversion_guidance"]
+    options = {"method": METHOD_OPTION, "inversion_label": INVERSION_LABEL_OPTION,
+               "guidance_scale": GUIDANCE_SCALE_OPTION, "guidance_reference": GUIDANCE_REFERENCE_OPTION,
+               "mask": MASK_OPTION, "mask_threshold": MASK_THRESHOLD_OPTION,
+               "mask_noise_draws": MASK_NOISE_DRAWS_OPTION, "inversion_guidance": INVERSION_GUIDANCE_OPTION}
+    for name, option in options.items():  # the edit command's defaults are the stage's
+        default = option.default.value if isinstance(option.default, Enum) else option.default
+        assert default == cf[name], name
     library = EditSettings(0.0)  # a library call edits as the stage does
     assert (library.method.value, library.inversion_label.value, library.guidance_scale, library.inversion_guidance,
             library.guidance_reference.value, library.mask.value, library.mask_threshold, library.mask_noise_draws) == (
