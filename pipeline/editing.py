@@ -142,7 +142,7 @@ class EditSettings:
 # Command-line options of an edit, shared by the counterfactual stage and the edit command (one help text each; the
 # defaults are EditSettings', which the stage reads from params.yaml instead).
 _D = {f.name: f.default for f in fields(EditSettings) if f.default is not MISSING}
-DEFAULT_STRENGTH = {"pneumonia": 0.44, "normal": 0.46}
+DEFAULT_STRENGTH = {"pneumonia": 0.44, "normal": 0.44}
 """Edit strength per target class: the smallest t0 whose edits of 100 real val images, with guided inversion, flip the
 evaluator at least 0.90 of the time (README, "Counterfactual editing"); params.yaml's counterfactual section holds the
 same values."""
