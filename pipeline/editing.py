@@ -139,9 +139,6 @@ class EditSettings:
             raise PipelineError(f"edit inversion_guidance must be at least 0, got {self.inversion_guidance}")
 
 
-# Command-line options of an edit, shared by the counterfactual stage and the edit command (one help text each; the
-# defaults are EditSettings', which the stage reads from params.yaml instead).
-_D = {f.name: f.default for f in fields(EditSettings) if f.default is not MISSING}
 DEFAULT_STRENGTH = {"pneumonia": 0.44, "normal": 0.44}
 """Edit strength per target class: the smallest t0 whose edits of 100 real val images, with guided inversion, flip the
 evaluator at least 0.90 of the time (README, "Counterfactual editing"); params.yaml's counterfactual section holds the
@@ -158,25 +155,28 @@ def strength_option(target: str) -> typer.models.OptionInfo:
                         f"{STRENGTH_HELP} metrics/plots/counterfactual_sweep.png shows flip rate against SSIM per t0.")
 
 
-METHOD_OPTION = typer.Option(_D["method"], help="ddim_inversion (deterministic, keeps the anatomy) or sdedit (fresh "
-                             "noise to t0, then denoise).")
-INVERSION_LABEL_OPTION = typer.Option(_D["inversion_label"], help="Label the DDIM inversion is conditioned on: source, "
-                                      "or unconditional (the null class).")
-GUIDANCE_SCALE_OPTION = typer.Option(_D["guidance_scale"], min=0.0, help="Classifier-free guidance towards the target "
-                                     "label (1 = none).")
+# Command-line options of an edit, shared by the counterfactual stage and the edit command (one help text each; the
+# defaults are EditSettings', which the stage reads from params.yaml instead).
+_EDIT_DEFAULTS = {f.name: f.default for f in fields(EditSettings) if f.default is not MISSING}
+METHOD_OPTION = typer.Option(_EDIT_DEFAULTS["method"], help="ddim_inversion (deterministic, keeps the anatomy) or "
+                             "sdedit (fresh noise to t0, then denoise).")
+INVERSION_LABEL_OPTION = typer.Option(_EDIT_DEFAULTS["inversion_label"], help="Label the DDIM inversion is "
+                                      "conditioned on: source, or unconditional (the null class).")
+GUIDANCE_SCALE_OPTION = typer.Option(_EDIT_DEFAULTS["guidance_scale"], min=0.0, help="Classifier-free guidance "
+                                     "towards the target label (1 = none).")
 GUIDANCE_REFERENCE_OPTION = typer.Option(
-    _D["guidance_reference"], help="What guidance extrapolates from: unconditional (usual classifier-free guidance) or "
-    "source (only what differs between the source and target predictions is amplified).")
-MASK_OPTION = typer.Option(_D["mask"], help="none (the whole image may change) or diffedit (only where the target and "
-                           "source labels' noise predictions disagree; outside, the source latent is kept).")
-MASK_THRESHOLD_OPTION = typer.Option(_D["mask_threshold"], min=0.0, max=1.0, help="DiffEdit mask: cells whose "
-                                     "normalised disagreement (0-1 per image) is at least this are edited; lower = "
-                                     "larger.")
-MASK_NOISE_DRAWS_OPTION = typer.Option(_D["mask_noise_draws"], min=1, help="DiffEdit mask: noise draws the "
-                                       "disagreement is averaged over.")
-INVERSION_GUIDANCE_OPTION = typer.Option(_D["inversion_guidance"], min=0.0, help="Classifier-free guidance of the DDIM "
-                                         "inversion under its label (1 = none; = --guidance-scale makes a null edit "
-                                         "the round trip of one ODE).")
+    _EDIT_DEFAULTS["guidance_reference"], help="What guidance extrapolates from: unconditional (usual classifier-free "
+    "guidance) or source (only what differs between the source and target predictions is amplified).")
+MASK_OPTION = typer.Option(_EDIT_DEFAULTS["mask"], help="none (the whole image may change) or diffedit (only where the "
+                           "target and source labels' noise predictions disagree; outside, the source latent is kept).")
+MASK_THRESHOLD_OPTION = typer.Option(_EDIT_DEFAULTS["mask_threshold"], min=0.0, max=1.0, help="DiffEdit mask: cells "
+                                     "whose normalised disagreement (0-1 per image) is at least this are edited; "
+                                     "lower = larger.")
+MASK_NOISE_DRAWS_OPTION = typer.Option(_EDIT_DEFAULTS["mask_noise_draws"], min=1, help="DiffEdit mask: noise draws "
+                                       "the disagreement is averaged over.")
+INVERSION_GUIDANCE_OPTION = typer.Option(_EDIT_DEFAULTS["inversion_guidance"], min=0.0, help="Classifier-free "
+                                         "guidance of the DDIM inversion under its label (1 = none; = "
+                                         "--guidance-scale makes a null edit the round trip of one ODE).")
 CLIP_DENOISED_OPTION = typer.Option(0.0, min=0.0, help="Clamp the predicted clean latent to ±this while denoising "
                                     "(normalised latent units, 0 = off; the inversion never clamps).")
 
