@@ -3,7 +3,8 @@
 For ``n_per_class`` real test images of each class (a seeded subset; ``split: val`` edits val images instead, to
 choose settings), each image is edited to the other class (:mod:`pipeline.editing`: autoencoder, DDIM inversion or
 SDEdit to the direction's edit strength, guided denoising under the target label, optionally inside a DiffEdit mask,
-decoding). Per direction (``n2p`` normal → pneumonia, ``p2n`` pneumonia → normal):
+decoding, the low-pass of the change to the source, ``change_sigma``). Per direction (``n2p`` normal → pneumonia,
+``p2n`` pneumonia → normal):
 
 - effectiveness: the evaluator's flip rate, the share of edits it calls the target class (at its val threshold);
 - identity: SSIM, PSNR and L1 between edit and source;
@@ -33,10 +34,11 @@ from pipeline.classifier import Evaluator, load_classifier
 from pipeline.cli import PipelineError, params_option, run_stage
 from pipeline.data import CLASSES
 from pipeline.diffmaps import save_edit_rows
-from pipeline.editing import (CLIP_DENOISED_OPTION, GUIDANCE_REFERENCE_OPTION, GUIDANCE_SCALE_OPTION,
-                              INVERSION_GUIDANCE_OPTION, INVERSION_LABEL_OPTION, MASK_NOISE_DRAWS_OPTION, MASK_OPTION,
-                              MASK_THRESHOLD_OPTION, METHOD_OPTION, EditSettings, GuidanceReference, InversionLabel,
-                              Mask, Method, edit_at, flips_to, similarity, strength_option)
+from pipeline.editing import (CHANGE_SIGMA_OPTION, CLIP_DENOISED_OPTION, GUIDANCE_REFERENCE_OPTION,
+                              GUIDANCE_SCALE_OPTION, INVERSION_GUIDANCE_OPTION, INVERSION_LABEL_OPTION,
+                              MASK_NOISE_DRAWS_OPTION, MASK_OPTION, MASK_THRESHOLD_OPTION, METHOD_OPTION, EditSettings,
+                              GuidanceReference, InversionLabel, Mask, Method, edit_at, flips_to, similarity,
+                              strength_option)
 from pipeline.fid_ref import real_uint8
 from pipeline.models import pick_device
 from pipeline.sample import Sampler
@@ -158,6 +160,7 @@ def main(
     mask: Mask = MASK_OPTION,
     mask_threshold: float = MASK_THRESHOLD_OPTION,
     mask_noise_draws: int = MASK_NOISE_DRAWS_OPTION,
+    change_sigma: float = CHANGE_SIGMA_OPTION,
     sweep_strengths: list[float] = typer.Option([0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8], help="Strengths of the "
                                                 "sweep (flip rate and SSIM per strength)."),
     seed: int = typer.Option(0, help="Seeds the choice of images; image i uses seed + i for noise (SDEdit, "
@@ -177,7 +180,7 @@ def main(
     sampler = Sampler(ldm, autoencoder, num_inference_steps, pick_device(), clip_denoised)
     evaluator = load_classifier(classifier)
     settings = EditSettings(0.0, method, inversion_label, guidance_scale, guidance_reference, mask,
-                            mask_threshold, mask_noise_draws, inversion_guidance)
+                            mask_threshold, mask_noise_draws, inversion_guidance, change_sigma)
     to = np.array([strength_to_normal, strength_to_pneumonia])  # strength per target label
 
     def edit(x: np.ndarray, a: np.ndarray, b: np.ndarray, s: float | np.ndarray, desc: str) -> np.ndarray:
@@ -211,7 +214,8 @@ def main(
         write_tsv(tmp_curve, rows)
         save_sweep_figure(tmp_fig, rows, f"counterfactual edits: {method.value}, inversion label "
                           f"{inversion_label.value} (guidance {inversion_guidance:g}),\nguidance {guidance_scale:g}, "
-                          f"mask {mask.value}, {num_inference_steps} DDIM steps")
+                          f"mask {mask.value}, change low-pass σ {change_sigma:g} px, "
+                          f"{num_inference_steps} DDIM steps")
         idx, row_labels = panel_rows(src, test_index, p_source, p_edit, n_panels)
         save_edit_rows(tmp_pan, sources[idx], edits[idx], row_labels,
                        f"counterfactual edits of real {split.value} images, t0 {strength_to_pneumonia:g} (n2p) / "

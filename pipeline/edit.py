@@ -28,10 +28,10 @@ from pipeline.cli import PipelineError
 from pipeline.data import CLASSES
 from pipeline.diffmaps import save_edit_rows
 from pipeline.edit_io import apply_change, derived_dicom, model_view, read_image, unflip, write_png
-from pipeline.editing import (CLIP_DENOISED_OPTION, DEFAULT_STRENGTH, GUIDANCE_REFERENCE_OPTION, GUIDANCE_SCALE_OPTION,
-                              INVERSION_GUIDANCE_OPTION, INVERSION_LABEL_OPTION, MASK_NOISE_DRAWS_OPTION, MASK_OPTION,
-                              MASK_THRESHOLD_OPTION, METHOD_OPTION, STRENGTH_HELP, EditSettings, GuidanceReference,
-                              InversionLabel, Mask, Method, edit_images)
+from pipeline.editing import (CHANGE_SIGMA_OPTION, CLIP_DENOISED_OPTION, DEFAULT_STRENGTH, GUIDANCE_REFERENCE_OPTION,
+                              GUIDANCE_SCALE_OPTION, INVERSION_GUIDANCE_OPTION, INVERSION_LABEL_OPTION,
+                              MASK_NOISE_DRAWS_OPTION, MASK_OPTION, MASK_THRESHOLD_OPTION, METHOD_OPTION, STRENGTH_HELP,
+                              EditSettings, GuidanceReference, InversionLabel, Mask, Method, edit_images)
 from pipeline.generate import Label
 from pipeline.models import pick_device
 from pipeline.sample import Sampler
@@ -75,6 +75,7 @@ def main(
     mask: Mask = MASK_OPTION,
     mask_threshold: float = MASK_THRESHOLD_OPTION,
     mask_noise_draws: int = MASK_NOISE_DRAWS_OPTION,
+    change_sigma: float = CHANGE_SIGMA_OPTION,
     seed: int = typer.Option(0, help="Seed of the SDEdit noise and of the DiffEdit mask's noise draws (DDIM "
                              "inversion itself is deterministic)."),
     ldm: Path = typer.Option(Path("models/ldm"), help="Diffusion model folder."),
@@ -92,7 +93,7 @@ def main(
     small = model_view(read.pixels, size)[None]
     sampler = Sampler(ldm, autoencoder, steps, pick_device(), clip_denoised)
     settings = EditSettings(strength, method, inversion_label, guidance_scale, guidance_reference, mask,
-                            mask_threshold, mask_noise_draws, inversion_guidance)
+                            mask_threshold, mask_noise_draws, inversion_guidance, change_sigma)
     a, b = np.array([src_label]), np.array([tgt_label])
     edit = edit_images(sampler, small, a, b, settings, [seed], 1, "edit")
     back = edit_images(sampler, edit, b, a, replace(settings, strength=back_strength), [seed], 1, "edit back")
@@ -104,7 +105,7 @@ def main(
             f"inversion_label={inversion_label.value} inversion_guidance={inversion_guidance:g} "
             f"guidance={guidance_scale:g} "
             f"guidance_reference={guidance_reference.value} mask={mask.value} mask_threshold={mask_threshold:g} "
-            f"ddim_steps={steps} seed={seed}")
+            f"change_sigma={change_sigma:g} ddim_steps={steps} seed={seed}")
     if read.dataset is not None:
         derived_dicom(read.dataset, full, target.value, desc).save_as(out / f"{stem}.dcm", enforce_file_format=True)
         written = out / f"{stem}.dcm"

@@ -25,12 +25,12 @@ from pipeline.counterfactual import DIRECTIONS, select_sources
 from pipeline.data import load_prepared
 from pipeline.diffusion import NULL_CLASS, clip_denoised_latents, guided_output, unet_args
 from pipeline.edit_io import read_image
-from pipeline.editing import (DEFAULT_STRENGTH, GUIDANCE_REFERENCE_OPTION, GUIDANCE_SCALE_OPTION,
+from pipeline.editing import (CHANGE_SIGMA_OPTION, DEFAULT_STRENGTH, GUIDANCE_REFERENCE_OPTION, GUIDANCE_SCALE_OPTION,
                               INVERSION_GUIDANCE_OPTION, INVERSION_LABEL_OPTION, MASK_NOISE_DRAWS_OPTION, MASK_OPTION,
                               MASK_THRESHOLD_OPTION, METHOD_OPTION, EditSettings, GuidanceReference, InversionLabel,
                               Mask, Method, contrast_output, denoise_from, diffedit_mask, edit_at, edit_images,
                               edit_latents, edit_timesteps, invert, invert_trajectory, mask_seeds, model_input,
-                              noise_to, similarity, unclamped)
+                              noise_to, similarity, smooth_change, unclamped)
 from pipeline.fid_ref import real_uint8
 from pipeline.sample import Sampler
 
@@ -184,8 +184,35 @@ def test_strength_zero_returns_the_source(tiny_sampler, test_images, method):
     y = torch.from_numpy(labels[:3]).long()
     out = edit_latents(tiny_sampler, z, y, 1 - y, EditSettings(0.0, method, guidance_scale=4.0), [0, 1, 2])
     assert torch.equal(out, z)
-    edited = edit_images(tiny_sampler, images[:3], labels[:3], 1 - labels[:3], EditSettings(0.0, method), [0, 1, 2], 2)
+    edited = edit_images(tiny_sampler, images[:3], labels[:3], 1 - labels[:3],
+                         EditSettings(0.0, method, change_sigma=0.0), [0, 1, 2], 2)
     assert np.array_equal(edited, tiny_sampler.decode(z))  # the autoencoder round trip, nothing more
+
+
+def test_smooth_change_keeps_broad_changes_and_the_source_detail():
+    rng = np.random.default_rng(0)
+    src = rng.integers(60, 190, (2, 28, 28)).astype(np.uint8)
+    assert np.array_equal(smooth_change(src, src + 9, 1.5), src + 9)  # a uniform change passes as it is
+    edit = src.copy()
+    edit[0, 14, 14] += 60  # a one-pixel change spreads into a blob of the same total, the other image untouched
+    out = smooth_change(src, edit, 1.5).astype(int) - src
+    assert 0 < out[0, 14, 14] < 60 and abs(out[0].sum() - 60) <= 10 and (out[0] >= 0).all()
+    assert out[0, 14, 16] > 0 and not out[1].any()
+    assert np.array_equal(smooth_change(src, edit, 0.0), edit)
+    with pytest.raises(ValueError, match="shape"):
+        smooth_change(src, edit[:1], 1.0)
+    with pytest.raises(PipelineError, match="change_sigma"):
+        EditSettings(0.5, change_sigma=-1.0)
+
+
+def test_an_edit_with_a_change_sigma_is_the_low_pass_of_the_plain_edit(tiny_sampler, test_images):
+    images, labels = test_images[0][:3], test_images[1][:3]
+    plain = edit_images(tiny_sampler, images, labels, 1 - labels, EditSettings(0.4, guidance_scale=3.0,
+                        change_sigma=0.0), [0, 1, 2], 2)
+    smooth = edit_images(tiny_sampler, images, labels, 1 - labels, EditSettings(0.4, guidance_scale=3.0,
+                         change_sigma=1.5), [0, 1, 2], 2)
+    assert np.array_equal(smooth, smooth_change(images, plain, 1.5))
+    assert not np.array_equal(smooth, plain)
 
 
 def test_edit_command_defaults_are_the_stage_params():
@@ -194,15 +221,17 @@ def test_edit_command_defaults_are_the_stage_params():
     options = {"method": METHOD_OPTION, "inversion_label": INVERSION_LABEL_OPTION,
                "guidance_scale": GUIDANCE_SCALE_OPTION, "guidance_reference": GUIDANCE_REFERENCE_OPTION,
                "mask": MASK_OPTION, "mask_threshold": MASK_THRESHOLD_OPTION,
-               "mask_noise_draws": MASK_NOISE_DRAWS_OPTION, "inversion_guidance": INVERSION_GUIDANCE_OPTION}
+               "mask_noise_draws": MASK_NOISE_DRAWS_OPTION, "inversion_guidance": INVERSION_GUIDANCE_OPTION,
+               "change_sigma": CHANGE_SIGMA_OPTION}
     for name, option in options.items():  # the edit command's defaults are the stage's
         default = option.default.value if isinstance(option.default, Enum) else option.default
         assert default == cf[name], name
     library = EditSettings(0.0)  # a library call edits as the stage does
     assert (library.method.value, library.inversion_label.value, library.guidance_scale, library.inversion_guidance,
-            library.guidance_reference.value, library.mask.value, library.mask_threshold, library.mask_noise_draws) == (
+            library.guidance_reference.value, library.mask.value, library.mask_threshold, library.mask_noise_draws,
+            library.change_sigma) == (
         cf["method"], cf["inversion_label"], cf["guidance_scale"], cf["inversion_guidance"], cf["guidance_reference"],
-        cf["mask"], cf["mask_threshold"], cf["mask_noise_draws"])
+        cf["mask"], cf["mask_threshold"], cf["mask_noise_draws"], cf["change_sigma"])
 
 
 def test_edit_at_gives_each_image_its_own_strength(tiny_sampler, test_images):
@@ -368,7 +397,8 @@ def test_stage_edits_each_direction_at_its_own_strength(pipeline_run, cf_metrics
         i = np.flatnonzero(src == label)
         settings = EditSettings(cf[key], Method(cf["method"]), InversionLabel(cf["inversion_label"]),
                                 cf["guidance_scale"], GuidanceReference(cf["guidance_reference"]), Mask(cf["mask"]),
-                                cf["mask_threshold"], cf["mask_noise_draws"], cf["inversion_guidance"])
+                                cf["mask_threshold"], cf["mask_noise_draws"], cf["inversion_guidance"],
+                                cf["change_sigma"])
         expected = edit_images(sampler, sources[i], src[i], 1 - src[i], settings, [seeds[k] for k in i], 2)
         assert np.abs(edits[i].astype(int) - expected.astype(int)).max() <= 1, key
 
