@@ -219,7 +219,8 @@ def main(
         idx, row_labels = panel_rows(src, test_index, p_source, p_edit, n_panels)
         save_edit_rows(tmp_pan, sources[idx], edits[idx], row_labels,
                        f"counterfactual edits of real {split.value} images, t0 {strength_to_pneumonia:g} (n2p) / "
-                       f"{strength_to_normal:g} (p2n), {method.value}, guidance {guidance_scale:g}",
+                       f"{strength_to_normal:g} (p2n),\n{method.value}, guidance {guidance_scale:g}, change low-pass "
+                       f"σ {change_sigma:g} px",
                        backs=backs[idx])
     typer.echo(" ".join(f"{k}={result[k]}" for k in result if not k.startswith(("sweep", "baseline"))), err=True)
 

@@ -114,7 +114,8 @@ def main(
         written = out / f"{stem}.png"
     note, log = evaluator_note(classifier, np.concatenate([small, edit]))
     save_edit_rows(out / f"{stem}_difference.png", small, edit, [f"{CLASSES[src_label]}→{target.value}"],
-                   f"t0 {strength:g}, {method.value}, guidance {guidance_scale:g}{note}", backs=back, cell=1.6)
+                   f"t0 {strength:g}, {method.value}, guidance {guidance_scale:g}, low-pass σ {change_sigma:g}{note}",
+                   backs=back, cell=1.6)
     typer.echo(f"wrote {written} and {out / (stem + '_difference.png')}; {log}", err=True)
 
 

@@ -28,7 +28,8 @@ ICLR 2023, Sec. 3.2): with ``mask = diffedit`` the edit first estimates where th
 ``|ε(z_t, target) − ε(z_t, source)|`` at the edit's top timestep, channel-averaged and averaged over a few noise
 draws, smoothed (3×3 box), min-max normalised per image and thresholded into a binary mask on the latent grid. After
 every denoising step, the latent outside the mask is replaced by the inversion's (or SDEdit's noised) source latent at
-the same timestep, so that what lies outside (bones, soft tissue, borders) ends as the source latent itself.
+the same timestep, so that what lies outside (bones, soft tissue, borders) ends as the source latent itself (with a
+``change_sigma`` > 0 the low-pass of the change spreads it about 3σ pixels past the mask's edge).
 
 Smooth change: with ``change_sigma`` σ > 0 the decoded edit is not used as it is; its change to the source image,
 ``edit − source``, is low-pass filtered with a Gaussian of std σ pixels and added back to the source,
@@ -64,9 +65,9 @@ from pipeline.sample import Sampler
 __all__ = ["Method", "InversionLabel", "GuidanceReference", "Mask", "EditSettings", "edit_timesteps", "invert",
            "invert_trajectory", "mask_seeds", "diffedit_mask", "contrast_output", "denoise_from", "noise_to",
            "edit_latents", "smooth_change", "unclamped", "model_input", "edit_images", "edit_at", "similarity",
-           "flips_to", "DEFAULT_STRENGTH", "STRENGTH_HELP", "strength_option", "METHOD_OPTION", "INVERSION_LABEL_OPTION",
-           "GUIDANCE_SCALE_OPTION", "GUIDANCE_REFERENCE_OPTION", "MASK_OPTION", "MASK_THRESHOLD_OPTION",
-           "MASK_NOISE_DRAWS_OPTION", "INVERSION_GUIDANCE_OPTION", "CLIP_DENOISED_OPTION",
+           "flips_to", "DEFAULT_STRENGTH", "STRENGTH_HELP", "strength_option", "METHOD_OPTION",
+           "INVERSION_LABEL_OPTION", "GUIDANCE_SCALE_OPTION", "GUIDANCE_REFERENCE_OPTION", "MASK_OPTION",
+           "MASK_THRESHOLD_OPTION", "MASK_NOISE_DRAWS_OPTION", "INVERSION_GUIDANCE_OPTION", "CLIP_DENOISED_OPTION",
            "CHANGE_SIGMA_OPTION"]
 
 PSNR_CAP_DB = 100.0
@@ -192,9 +193,10 @@ MASK_NOISE_DRAWS_OPTION = typer.Option(_EDIT_DEFAULTS["mask_noise_draws"], min=1
 INVERSION_GUIDANCE_OPTION = typer.Option(_EDIT_DEFAULTS["inversion_guidance"], min=0.0, help="Classifier-free "
                                          "guidance of the DDIM inversion under its label (1 = none; = "
                                          "--guidance-scale makes a null edit the round trip of one ODE).")
-CHANGE_SIGMA_OPTION = typer.Option(_EDIT_DEFAULTS["change_sigma"], min=0.0, help="Std (pixels) of the Gaussian "
-                                   "low-pass of the change (edit - source) added to the source: the edit keeps the "
-                                   "source's detail finer than this and changes haze, opacities, brightness; 0 = off.")
+CHANGE_SIGMA_OPTION = typer.Option(_EDIT_DEFAULTS["change_sigma"], min=0.0, help="Std (pixels of the model's "
+                                   "28-px image) of the Gaussian low-pass of the change (edit - source) added to the "
+                                   "source: the edit keeps the source's detail finer than this and changes haze, "
+                                   "opacities, brightness; 0 = off.")
 CLIP_DENOISED_OPTION = typer.Option(0.0, min=0.0, help="Clamp the predicted clean latent to ±this while denoising "
                                     "(normalised latent units, 0 = off; the inversion never clamps).")
 
