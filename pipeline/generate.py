@@ -20,7 +20,7 @@ from pipeline.cli import PipelineError, run_command
 from pipeline.data import CLASSES
 from pipeline.dicom import write_synthetic_dicom
 from pipeline.models import pick_device
-from pipeline.sample import Sampler
+from pipeline.sample import Sampler, class_mean_latents
 
 app = typer.Typer(add_completion=False, help=__doc__)
 
@@ -53,13 +53,22 @@ def main(
                                         "step (normalised latent units; 0 = off; the cohorts use ldm.clip_denoised)."),
     eta: float = typer.Option(1.0, min=0.0, help="DDIM stochasticity: 0 deterministic DDIM, 1 ancestral sampling on "
                               "the DDIM grid (the cohorts use ldm.eta); the images still depend on their seeds only."),
+    x0_spread: float = typer.Option(1.03, min=0.0, help="x0 spread factor (1 = off): at t >= --x0-spread-min-t each "
+                                    "step starts from the class mean + this × (predicted clean latent − mean); the "
+                                    "cohorts use ldm.x0_spread (README, \"The x0 spread\")."),
+    x0_spread_min_t: int = typer.Option(200, min=0, help="The smallest timestep the x0 spread acts at (the cohorts "
+                                        "use ldm.x0_spread_min_t)."),
     batch_size: int = typer.Option(64, min=1, help="Images per batch (does not change the images)."),
     ldm: Path = typer.Option(Path("models/ldm"), help="Diffusion model folder."),
     autoencoder: Path = typer.Option(Path("models/autoencoder"), help="Autoencoder model folder."),
+    latents: Path = typer.Option(Path("data/latents"), help="Latents folder: its train.npz gives the class means of "
+                                 "the x0 spread (not read with --x0-spread 1)."),
 ) -> None:
     """Generate N images of the chosen class and write them as PNG and/or DICOM."""
+    means = class_mean_latents(latents, ldm) if x0_spread != 1 else None
     try:
-        sampler = Sampler(ldm, autoencoder, steps, pick_device(), clip_denoised, eta, guidance_max_t)
+        sampler = Sampler(ldm, autoencoder, steps, pick_device(), clip_denoised, eta, guidance_max_t, x0_spread,
+                          x0_spread_min_t, means)
     except ValueError as exc:
         raise PipelineError(str(exc)) from None
     labels = np.full(n, CLASSES.index(label.value), dtype=np.int64)
@@ -71,7 +80,8 @@ def main(
             Image.fromarray(image, mode="L").save(out / f"{label.value}_seed{s:06d}.png")
     if fmt in (Format.dicom, Format.both):
         desc = [f"label={label.value} seed={s} guidance={guidance_scale} guidance_max_t="
-                f"{','.join(map(str, guidance_max_t))} ddim_steps={steps} eta={eta:g}" for s in seeds]
+                f"{','.join(map(str, guidance_max_t))} ddim_steps={steps} eta={eta:g}"
+                + (f" x0_spread={x0_spread:g}@t>={x0_spread_min_t}" if x0_spread != 1 else "") for s in seeds]
         write_synthetic_dicom(out / "dicom", images, [label.value] * n, desc)
     typer.echo(f"wrote {n} {label.value} images to {out}", err=True)
 

@@ -6,8 +6,8 @@ evaluator's label fidelity (accuracy at its val threshold, AUC) against the requ
 diversity but blurs the classes; high guidance sharpens the classes and loses diversity. The whole-cohort figure at
 one scale is what ``dvc exp run -S ldm.guidance_scale=W`` and the ``fid`` stage give; this stage trades N for a view
 of the whole curve in one run. Reads the ``guidance_sweep`` section of params.yaml, and the sampler settings
-(``num_inference_steps``, ``clip_denoised``, ``eta``, ``guidance_max_t``) from the ``ldm`` section, so the sweep
-always samples as the cohorts do.
+(``num_inference_steps``, ``clip_denoised``, ``eta``, ``guidance_max_t``, ``x0_spread``, ``x0_spread_min_t``) from
+the ``ldm`` section, so the sweep always samples as the cohorts do.
 """
 
 from __future__ import annotations
@@ -27,11 +27,11 @@ from pipeline.fid import fid_from_features, inception_features
 from pipeline.models import pick_device
 from pipeline.plots import save_rows
 from pipeline.quality import kid
-from pipeline.sample import Sampler
+from pipeline.sample import Sampler, class_mean_latents
 from pipeline.sample import app as sample_app
 
 SECTION = "guidance_sweep"  # the params.yaml section this stage reads
-SAMPLER_KEYS = ("num_inference_steps", "clip_denoised", "eta", "guidance_max_t")
+SAMPLER_KEYS = ("num_inference_steps", "clip_denoised", "eta", "guidance_max_t", "x0_spread", "x0_spread_min_t")
 EXTRA_PARAMS = {"ldm": SAMPLER_KEYS}  # ... and the cohort sampler's settings (declared in dvc.yaml)
 app = typer.Typer(add_completion=False, help=__doc__)
 
@@ -58,6 +58,7 @@ def score(images: np.ndarray, labels: np.ndarray, ref: np.ndarray, evaluator, ba
 def main(
     ldm: Path = typer.Option(..., help="Diffusion model folder."),
     autoencoder: Path = typer.Option(..., help="Autoencoder model folder."),
+    latents: Path = typer.Option(..., help="Latents folder (the class means of the x0 spread)."),
     fid_ref: Path = typer.Option(..., help="Real-image Inception features (output of fid_ref)."),
     classifier: Path = typer.Option(..., help="Evaluator model folder (output of train_classifier)."),
     metrics: Path = typer.Option(..., help="Output metrics JSON (one key per measure and scale)."),
@@ -77,8 +78,10 @@ def main(
     labels = stratified_labels(ref_labels, n_images)
     seeds = [seed + i for i in range(n_images)]
     cohort = read_keys(params, "ldm", SAMPLER_KEYS, [sample_app], "guidance_sweep")
+    spread = cohort["x0_spread"]
+    means = class_mean_latents(latents, ldm) if spread != 1 else None
     sampler = Sampler(ldm, autoencoder, cohort["num_inference_steps"], pick_device(), cohort["clip_denoised"],
-                      cohort["eta"], cohort["guidance_max_t"])
+                      cohort["eta"], cohort["guidance_max_t"], spread, cohort["x0_spread_min_t"], means)
     evaluator = load_classifier(classifier)
     rows, grids, out = [], [], {}
     show = np.concatenate([np.flatnonzero(labels == k)[:6] for k in range(len(CLASSES))])

@@ -4,9 +4,12 @@ Image i of a cohort starts from noise drawn with seed ``sample_seed + i``, and w
 Song et al. ICLR 2021, Eq. 16; eta 1 is ancestral DDPM on the DDIM grid) the noise added at each step comes from a
 generator of that image alone (:func:`step_seed`), so any image can be regenerated alone and a cohort does not depend
 on the batch size. Guidance can act on each class only below a timestep of its own (``guidance_max_t``; the guidance
-interval of Kynkäänniemi et al., NeurIPS 2024): above it the step uses the plain conditional prediction. Latents are
-decoded by the autoencoder, cropped back to the data size and quantised to uint8. Reads the sampling keys of the
-``ldm`` section (the training keys belong to ``train_ldm``).
+interval of Kynkäänniemi et al., NeurIPS 2024): above it the step uses the plain conditional prediction. At the
+high-noise steps (t >= ``x0_spread_min_t``) the predicted clean latent can be spread away from its class's mean
+training latent by the factor ``x0_spread`` (:meth:`Sampler.spread_correction`), against the variance the sampler's
+own trajectories lose there (README, "The x0 spread"). Latents are decoded by the autoencoder, cropped back to the
+data size and quantised to uint8. Reads the sampling keys of the ``ldm`` section (the training keys belong to
+``train_ldm``).
 """
 
 from __future__ import annotations
@@ -52,14 +55,24 @@ class Sampler:
             Edits (:mod:`pipeline.editing`) are always deterministic.
         guidance_max_t: per class (normal, pneumonia), the largest timestep at which :meth:`denoise` applies
             classifier-free guidance; above it, one conditional pass. None (or ``num_train_timesteps``) = every step.
+        x0_spread: factor s of the x0 spread (1 = off): at the steps with t >= ``x0_spread_min_t`` :meth:`denoise`
+            steps from ``m + s (x̂0 − m)`` instead of the predicted clean latent x̂0, m the image's class mean.
+        x0_spread_min_t: the smallest timestep the spread acts at.
+        class_means: the class means m, one normalised latent per class (:func:`class_mean_latents`); needed when
+            ``x0_spread`` is not 1.
     """
 
     def __init__(self, ldm_dir: Path, ae_dir: Path, num_inference_steps: int, device: torch.device,
-                 clip_denoised: float = 0.0, eta: float = 0.0, guidance_max_t: Sequence[int] | None = None) -> None:
+                 clip_denoised: float = 0.0, eta: float = 0.0, guidance_max_t: Sequence[int] | None = None,
+                 x0_spread: float = 1.0, x0_spread_min_t: int = 0, class_means: torch.Tensor | None = None) -> None:
         if eta < 0:
             raise ValueError(f"DDIM eta must be >= 0, got {eta}")
         if guidance_max_t is not None and (len(guidance_max_t) != len(CLASSES) or min(guidance_max_t) < 0):
             raise ValueError(f"guidance_max_t needs one timestep >= 0 per class {CLASSES}, got {list(guidance_max_t)}")
+        if x0_spread <= 0:
+            raise ValueError(f"x0_spread must be > 0 (1 = off), got {x0_spread}")
+        if x0_spread != 1 and (class_means is None or len(class_means) != len(CLASSES)):
+            raise ValueError(f"x0_spread {x0_spread} needs the class mean latents, one per class {CLASSES}")
         self.unet, self.config = load_model(ldm_dir, REGISTRY)
         self.ae, ae_config = load_model(ae_dir, REGISTRY)
         self.unet.to(device)
@@ -72,6 +85,8 @@ class Sampler:
         self.guidance_max_t = [int(t) for t in guidance_max_t] if guidance_max_t is not None else [steps] * len(CLASSES)
         self.shift, self.scale = self.config["latent_shift"], self.config["latent_scale"]
         self.device = device
+        self.x0_spread, self.x0_spread_min_t = float(x0_spread), int(x0_spread_min_t)
+        self.class_means = class_means.to(device) if class_means is not None else None
         self.guidance_scale: float | None = None  # the cohort's, when made by from_settings
 
     @classmethod
@@ -84,8 +99,10 @@ class Sampler:
         if not settings.is_file():
             raise PipelineError(f"{settings} not found: run the sample stage first (dvc repro sample)")
         cohort = json.loads(settings.read_text())
+        spread = cohort.get("x0_spread", 1.0)
+        means = load_class_means(settings.parent / CLASS_MEANS_FILE) if spread != 1 else None
         sampler = cls(ldm_dir, ae_dir, cohort["num_inference_steps"], device, cohort["clip_denoised"], cohort["eta"],
-                      cohort.get("guidance_max_t"))
+                      cohort.get("guidance_max_t"), spread, cohort.get("x0_spread_min_t", 0), means)
         sampler.guidance_scale = float(cohort["guidance_scale"])
         return sampler
 
@@ -114,6 +131,23 @@ class Sampler:
         return out
 
     @torch.inference_mode()
+    def spread_correction(self, out: torch.Tensor, t: int, z: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """What the x0 spread adds to a DDIM step's result: √ᾱ_prev (s − 1)(x̂0 − m), so that the step goes from
+        ``m + s (x̂0 − m)`` instead of x̂0 (the noise direction of the step stays the model's); zero below
+        ``x0_spread_min_t`` or with s = 1.
+
+        Args:
+            out: the (guided) U-Net output at ``t``; z: the latents at ``t``; labels: class of each image.
+        """
+        if self.x0_spread == 1 or t < self.x0_spread_min_t:
+            return torch.zeros_like(z)
+        sched = self.scheduler
+        prev_t = t - sched.num_train_timesteps // sched.num_inference_steps
+        a_prev = sched.alphas_cumprod[prev_t] if prev_t >= 0 else sched.final_alpha_cumprod
+        _, x0 = sched.step(out, t, z)
+        return a_prev ** 0.5 * (self.x0_spread - 1) * (x0 - self.class_means[labels])
+
+    @torch.inference_mode()
     def denoise(self, z: torch.Tensor, labels: torch.Tensor, guidance_scale: float,
                 generators: list[torch.Generator] | None = None) -> torch.Tensor:
         """Run the DDIM reverse process from noise ``z`` to clean normalised latents.
@@ -131,11 +165,13 @@ class Sampler:
         z, labels = z.to(self.device), labels.to(self.device)
         for t in self.scheduler.timesteps:
             out = self.step_output(z, labels, int(t), guidance_scale)
+            spread = self.spread_correction(out, int(t), z, labels)
             if stochastic:  # each image's noise from its own CPU generator, then one batched update on the device
                 noise = torch.stack([torch.randn(z.shape[1:], generator=g) for g in generators])
                 z = ddim_step(self.scheduler, out, int(t), z, self.eta, noise.to(self.device, z.dtype))
             else:
                 z, _ = self.scheduler.step(out, int(t), z)
+            z = z + spread
         return z
 
     @torch.inference_mode()
@@ -159,6 +195,41 @@ class Sampler:
             z = self.denoise(z, torch.from_numpy(labels[i:i + batch_size]).long(), guidance_scale, gens)
             out.append(self.decode(z))
         return np.concatenate(out) if out else np.zeros((0, 0, 0), np.uint8)
+
+
+CLASS_MEANS_FILE = "class_mean_latents.npz"  # beside a cohort's settings.json: the means its x0 spread used
+
+
+def class_mean_latents(latents: Path, ldm_dir: Path) -> torch.Tensor:
+    """The mean normalised training latent of each class (the diffusion model's space), the centres of the x0 spread.
+
+    Args:
+        latents: latents folder (``encode_latents``' output; its ``train.npz``).
+        ldm_dir: diffusion model folder (its ``config.json`` has the latent shift and scale).
+
+    Returns:
+        float tensor K×C×h×w, K = len(CLASSES).
+    """
+    path = latents / "train.npz"
+    if not path.is_file():
+        raise PipelineError(f"{path} not found: the x0 spread needs the training latents (dvc repro encode_latents), "
+                            "or turn it off (x0_spread 1)")
+    config_path = ldm_dir / "config.json"
+    if not config_path.is_file():
+        raise PipelineError(f"{config_path} not found: train the diffusion model first (dvc repro train_ldm)")
+    config = json.loads(config_path.read_text())
+    with np.load(path) as z:
+        lat, labels = torch.from_numpy(z["latents"]).float(), z["labels"]
+    lat = to_model_space(lat, config["latent_shift"], config["latent_scale"])
+    return torch.stack([lat[torch.from_numpy(labels == k)].mean(0) for k in range(len(CLASSES))])
+
+
+def load_class_means(path: Path) -> torch.Tensor:
+    """Class mean latents saved beside a cohort's settings (:data:`CLASS_MEANS_FILE`)."""
+    if not path.is_file():
+        raise PipelineError(f"{path} not found: the cohort's x0 spread needs it; rerun the sample stage")
+    with np.load(path) as z:
+        return torch.from_numpy(z["class_means"])
 
 
 def export_dicom(folder: Path, images: np.ndarray, labels: np.ndarray, seeds: list[int], per_class: int,
@@ -194,6 +265,11 @@ def main(
                                         "step (normalised latent units; 0 = off)."),
     eta: float = typer.Option(1.0, min=0.0, help="DDIM stochasticity: 0 deterministic DDIM, 1 ancestral sampling on "
                               "the DDIM grid (fresh noise at each step, from each image's own seed)."),
+    x0_spread: float = typer.Option(1.0, min=0.0, help="x0 spread factor s (1 = off): at t >= x0_spread_min_t each "
+                                    "step goes from m + s (x0-hat - m), m the class's mean training latent (README, "
+                                    "\"The x0 spread\")."),
+    x0_spread_min_t: int = typer.Option(200, min=0, help="The smallest timestep the x0 spread acts at (the high-noise "
+                                        "steps, where the sampler loses variance)."),
     balanced_per_class: int = typer.Option(500, min=0, help="Images per class in the balanced cohort."),
     sample_seed: int = typer.Option(0, help="Image i of a cohort uses seed sample_seed + i."),
     sample_batch_size: int = typer.Option(256, min=1, help="Images per batch (no effect on the images)."),
@@ -202,10 +278,13 @@ def main(
 ) -> None:
     """Sample the label-matched and balanced cohorts; write arrays, a grid and sampling speed."""
     t0 = time.time()
+    means = class_mean_latents(latents, ldm) if x0_spread != 1 else None
     try:
-        sampler = Sampler(ldm, autoencoder, num_inference_steps, pick_device(), clip_denoised, eta, guidance_max_t)
+        sampler = Sampler(ldm, autoencoder, num_inference_steps, pick_device(), clip_denoised, eta, guidance_max_t,
+                          x0_spread, x0_spread_min_t, means)
     except ValueError as exc:
         raise PipelineError(str(exc)) from None
+    spread = f" x0_spread={x0_spread:g}@t>={x0_spread_min_t}" if x0_spread != 1 else ""
     with np.load(latents / "train.npz") as z:
         matched = label_matched(z["labels"])
     balanced = np.repeat(np.arange(len(CLASSES)), balanced_per_class)
@@ -223,15 +302,19 @@ def main(
             if name == "matched":
                 save_rows(tmp_grid, [(c, images[labels == k][:12]) for k, c in enumerate(CLASSES)],
                           f"samples, guidance {guidance_scale} (t <= {'/'.join(map(str, guidance_max_t))}), "
-                          f"{num_inference_steps} DDIM steps, eta {eta:g}")
+                          f"{num_inference_steps} DDIM steps, eta {eta:g}"
+                          + (f", x0 spread {x0_spread:g} at t >= {x0_spread_min_t}" if x0_spread != 1 else ""))
             else:
                 export_dicom(tmp_out / "dicom", images, labels, seeds, dicom_per_class,
                              f"guidance={guidance_scale} guidance_max_t={','.join(map(str, guidance_max_t))} "
-                             f"ddim_steps={num_inference_steps} clip={clip_denoised} eta={eta:g}")
+                             f"ddim_steps={num_inference_steps} clip={clip_denoised} eta={eta:g}{spread}")
         write_json(tmp_out / "settings.json", {"guidance_scale": guidance_scale, "sample_seed": sample_seed,
                                                  "guidance_max_t": list(guidance_max_t),
                                                  "num_inference_steps": num_inference_steps,
-                                                 "clip_denoised": clip_denoised, "eta": eta})
+                                                 "clip_denoised": clip_denoised, "eta": eta,
+                                                 "x0_spread": x0_spread, "x0_spread_min_t": x0_spread_min_t})
+        if means is not None:
+            save_npz(tmp_out / CLASS_MEANS_FILE, class_means=means.numpy())
         result["wall_time_s"] = round(time.time() - t0, 1)
         write_json(tmp_metrics, result)
 

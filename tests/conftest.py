@@ -135,7 +135,7 @@ def pipeline_run(tmp_path_factory: pytest.TempPathFactory, medmnist_root: Path) 
                      "--pairs-figure", ws / "metrics/plots/privacy_closest_pairs.png",
                      "--distances-figure", ws / "metrics/plots/privacy_distances.png"]),
         ("guidance_sweep", ["--ldm", ws / "models/ldm", "--autoencoder", ws / "models/autoencoder",
-                            "--fid-ref", ws / "data/fid_ref", "--classifier", ws / "models/classifier",
+                            "--latents", ws / "data/latents", "--fid-ref", ws / "data/fid_ref", "--classifier", ws / "models/classifier",
                             "--metrics", ws / "metrics/guidance_sweep.json",
                             "--curve", ws / "metrics/plots/guidance_sweep.tsv",
                             "--figure", ws / "metrics/plots/guidance_sweep.png",

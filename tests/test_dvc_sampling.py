@@ -19,7 +19,8 @@ def project(tmp_path_factory: pytest.TempPathFactory, medmnist_root: Path) -> Pa
 
 
 @pytest.mark.parametrize("key,value", [("guidance_scale", 4.0), ("num_inference_steps", 3), ("clip_denoised", 0.0),
-                                       ("eta", 0.0), ("balanced_per_class", 2), ("sample_seed", 5)])
+                                       ("eta", 0.0), ("x0_spread", 1.0), ("balanced_per_class", 2),
+                                       ("sample_seed", 5)])
 def test_sampling_params_never_retrain(project, key, value):
     """`dvc exp run -S ldm.guidance_scale=4` must rerun sample and what follows, never training."""
     params = yaml.safe_load((project / "params.yaml").read_text())

@@ -17,7 +17,7 @@ from pipeline.diffusion import (NULL_CLASS, ddim_step, drop_labels, from_model_s
                                 latent_normalizer, make_ddim, make_ddpm, scheduler_args, snr_weights, to_model_space,
                                 unet_args)
 from pipeline.models import REGISTRY, pick_device
-from pipeline.sample import Sampler
+from pipeline.sample import CLASS_MEANS_FILE, Sampler, class_mean_latents
 from pipeline.train_ldm import diffusion_loss, ema_avg_fn
 
 
@@ -177,8 +177,10 @@ def test_sample_outputs(pipeline_run):
 
 
 def test_one_seed_per_image_and_determinism(pipeline_run):
+    means = class_mean_latents(pipeline_run / "data/latents", pipeline_run / "models/ldm")
     sampler = Sampler(pipeline_run / "models/ldm", pipeline_run / "models/autoencoder", 5, pick_device(),
-                      clip_denoised=2.5, eta=1.0, guidance_max_t=[100, 50])  # the tiny profile's, as the cohort
+                      clip_denoised=2.5, eta=1.0, guidance_max_t=[100, 50], x0_spread=1.2, x0_spread_min_t=50,
+                      class_means=means)  # the tiny profile's, as the cohort
     labels = np.array([0, 1, 1, 0, 1])
     seeds = [10, 11, 12, 13, 14]
     together = sampler.generate(labels, seeds, 2.0, batch_size=5)
@@ -193,6 +195,56 @@ def test_one_seed_per_image_and_determinism(pipeline_run):
     np.testing.assert_allclose(regen.astype(int), cohort["images"][idx].astype(int), atol=1)
     settings = json.loads((pipeline_run / "data/samples/settings.json").read_text())
     assert settings["eta"] == 1.0 and settings["num_inference_steps"] == 5 and settings["guidance_max_t"] == [100, 50]
+
+
+def test_class_mean_latents_are_the_normalised_class_means(pipeline_run, tmp_path):
+    means = class_mean_latents(pipeline_run / "data/latents", pipeline_run / "models/ldm")
+    config = json.loads((pipeline_run / "models/ldm/config.json").read_text())
+    with np.load(pipeline_run / "data/latents/train.npz") as z:
+        lat, labels = z["latents"], z["labels"]
+    for k in (0, 1):
+        expected = to_model_space(torch.from_numpy(lat[labels == k]).float(), config["latent_shift"],
+                                  config["latent_scale"]).mean(0)
+        torch.testing.assert_close(means[k], expected)
+    # the cohort saved the means its spread used, beside its settings
+    with np.load(pipeline_run / "data/samples" / CLASS_MEANS_FILE) as z:
+        np.testing.assert_allclose(z["class_means"], means.numpy())
+    with pytest.raises(PipelineError, match="train.npz not found"):
+        class_mean_latents(tmp_path, pipeline_run / "models/ldm")
+    with pytest.raises(PipelineError, match="config.json not found"):
+        class_mean_latents(pipeline_run / "data/latents", tmp_path)
+
+
+def test_x0_spread_steps_from_the_spread_prediction(pipeline_run):
+    """At t >= x0_spread_min_t a step goes from m + s (x̂0 − m) with the model's own noise direction (for every eta);
+    below it, and with s = 1, it is the plain step; spreading needs the class means."""
+    ldm, ae = pipeline_run / "models/ldm", pipeline_run / "models/autoencoder"
+    means = class_mean_latents(pipeline_run / "data/latents", ldm)
+    plain = Sampler(ldm, ae, 5, pick_device(), eta=0.0)
+    spread = Sampler(ldm, ae, 5, pick_device(), eta=0.0, x0_spread=1.5, x0_spread_min_t=50, class_means=means)
+    sched = plain.scheduler
+    z = torch.randn(4, *means.shape[1:], generator=torch.Generator().manual_seed(0))
+    labels = torch.tensor([0, 1, 1, 0])
+    t = int(sched.timesteps[0])
+    out = plain.step_output(z, labels, t, 2.0)
+    a_t, a_prev = sched.alphas_cumprod[t], sched.alphas_cumprod[t - sched.num_train_timesteps // 5]
+    x0 = a_t ** 0.5 * z - (1 - a_t) ** 0.5 * out  # v-prediction
+    eps = a_t ** 0.5 * out + (1 - a_t) ** 0.5 * z
+    x0_spread = means[labels] + 1.5 * (x0 - means[labels])
+    expected = a_prev ** 0.5 * x0_spread + (1 - a_prev) ** 0.5 * eps
+    stepped, _ = sched.step(out, t, z)
+    torch.testing.assert_close(stepped + spread.spread_correction(out, t, z, labels), expected, atol=1e-5, rtol=1e-5)
+    assert not spread.spread_correction(out, 40, z, labels).any()  # below x0_spread_min_t
+    assert not plain.spread_correction(out, t, z, labels).any()  # s = 1
+    # whole trajectories: the spread changes them, a threshold above every timestep leaves them as they are
+    never = Sampler(ldm, ae, 5, pick_device(), eta=0.0, x0_spread=1.5, x0_spread_min_t=1000, class_means=means)
+    a, b, c = (s.denoise(z, labels, 2.0) for s in (plain, spread, never))
+    assert not torch.allclose(a, b)
+    torch.testing.assert_close(a, c)
+    with pytest.raises(ValueError, match="class mean latents"):
+        Sampler(ldm, ae, 5, pick_device(), x0_spread=1.5)
+    with pytest.raises(ValueError, match="x0_spread must be > 0"):
+        Sampler(ldm, ae, 5, pick_device(), x0_spread=0.0)
 
 
 def test_guidance_interval_is_per_class(pipeline_run):
@@ -274,7 +326,8 @@ def test_generate_command_writes_png_and_dicom(pipeline_run, tmp_path):
     result = CliRunner().invoke(app, ["--label", "pneumonia", "-n", "3", "--seed", "10", "--format", "both",
                                       "--steps", "5", "--guidance-scale", "2.0", "--out", str(out),
                                       "--ldm", str(pipeline_run / "models/ldm"),
-                                      "--autoencoder", str(pipeline_run / "models/autoencoder")])
+                                      "--autoencoder", str(pipeline_run / "models/autoencoder"),
+                                      "--latents", str(pipeline_run / "data/latents")])
     assert result.exit_code == 0, result.output
     pngs = sorted(out.glob("*.png"))
     assert [p.name for p in pngs] == [f"pneumonia_seed{s:06d}.png" for s in (10, 11, 12)]
@@ -285,10 +338,22 @@ def test_generate_command_writes_png_and_dicom(pipeline_run, tmp_path):
     CliRunner().invoke(app, ["--label", "pneumonia", "-n", "1", "--seed", "11", "--steps", "5",
                              "--guidance-scale", "2.0", "--out", str(again),
                              "--ldm", str(pipeline_run / "models/ldm"),
-                             "--autoencoder", str(pipeline_run / "models/autoencoder")])
+                             "--autoencoder", str(pipeline_run / "models/autoencoder"),
+                             "--latents", str(pipeline_run / "data/latents")])
     a = np.asarray(Image.open(out / "pneumonia_seed000011.png")).astype(int)
     b = np.asarray(Image.open(again / "pneumonia_seed000011.png")).astype(int)
     assert np.abs(a - b).max() <= 1
+    # the x0 spread needs the training latents: a clear error without them, none with the spread off
+    missing = CliRunner().invoke(app, ["--label", "normal", "-n", "1", "--steps", "5", "--out", str(tmp_path / "m"),
+                                       "--ldm", str(pipeline_run / "models/ldm"),
+                                       "--autoencoder", str(pipeline_run / "models/autoencoder"),
+                                       "--latents", str(tmp_path / "nowhere")])
+    assert isinstance(missing.exception, PipelineError) and "train.npz not found" in str(missing.exception)
+    off = CliRunner().invoke(app, ["--label", "normal", "-n", "1", "--steps", "5", "--out", str(tmp_path / "off"),
+                                   "--x0-spread", "1", "--ldm", str(pipeline_run / "models/ldm"),
+                                   "--autoencoder", str(pipeline_run / "models/autoencoder"),
+                                   "--latents", str(tmp_path / "nowhere")])
+    assert off.exit_code == 0, off.output
 
 
 def test_generate_help_explains_every_option():
@@ -299,7 +364,7 @@ def test_generate_help_explains_every_option():
     result = CliRunner().invoke(app, ["--help"])
     assert result.exit_code == 0
     for option in ["--label", "--n", "--out", "--format", "--seed", "--guidance-scale", "--guidance-max-t", "--steps",
-                   "--ldm"]:
+                   "--x0-spread", "--x0-spread-min-t", "--ldm", "--latents"]:
         assert option in result.output
 
 
@@ -311,7 +376,8 @@ def test_generate_defaults_are_the_cohort_sampler_params():
 
     ldm = default_params()["ldm"]
     options = inspect.signature(app.registered_commands[0].callback).parameters
-    names = ("guidance_scale", "guidance_max_t", "steps", "clip_denoised", "eta")
+    names = ("guidance_scale", "guidance_max_t", "steps", "clip_denoised", "eta", "x0_spread", "x0_spread_min_t")
     defaults = {name: options[name].default.default for name in names}
     assert defaults == {"guidance_scale": ldm["guidance_scale"], "guidance_max_t": ldm["guidance_max_t"],
-                        "steps": ldm["num_inference_steps"], "clip_denoised": ldm["clip_denoised"], "eta": ldm["eta"]}
+                        "steps": ldm["num_inference_steps"], "clip_denoised": ldm["clip_denoised"], "eta": ldm["eta"],
+                        "x0_spread": ldm["x0_spread"], "x0_spread_min_t": ldm["x0_spread_min_t"]}
