@@ -104,7 +104,8 @@ def main(
             "label fidelity (evaluator)": {"accuracy": [r["label_fidelity_accuracy"] for r in rows],
                                            "AUC": [r["label_fidelity_auc"] for r in rows]}},
             "guidance scale w", f"classifier-free guidance sweep, {sampler.num_inference_steps} DDIM steps, "
-            f"eta {sampler.eta:g}, guidance at t <= {'/'.join(map(str, sampler.guidance_max_t))}")
+            f"eta {sampler.eta:g}, guidance at t <= {'/'.join(map(str, sampler.guidance_max_t))}"
+            + (f", x0 spread {sampler.x0_spread:g} at t >= {sampler.x0_spread_min_t}" if sampler.x0_spread != 1 else ""))
         save_rows(tmp_grid, grids, "same seeds at each guidance scale (6 normal, then 6 pneumonia)")
 
 
