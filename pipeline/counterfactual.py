@@ -15,6 +15,12 @@ decoding, the low-pass of the change to the source, ``change_sigma``). Per direc
   made as the sample stage makes the cohorts, with its ``settings.json``; it forgets the source);
 - a sweep of the strength: flip rate and SSIM per strength, to choose an operating point.
 
+The strength of an edit: ``strength_rule: fixed`` edits every image of a direction at that direction's strength
+(``strength_to_pneumonia``, ``strength_to_normal``); ``guided`` edits each image at the smallest of
+``guide_strengths`` whose edit the *guide* (a second classifier, stage ``train_guide``) calls the target class with
+``guide_margin`` (:func:`pipeline.editing.edit_guided`), and the edit back and the null edit likewise (the null edit at
+the edit's own strength). The flip rate is always the evaluator's.
+
 Reads the ``counterfactual`` section of params.yaml.
 """
 
@@ -35,10 +41,11 @@ from pipeline.cli import PipelineError, params_option, run_stage
 from pipeline.data import CLASSES
 from pipeline.diffmaps import save_edit_rows
 from pipeline.editing import (CHANGE_SIGMA_OPTION, CLIP_DENOISED_OPTION, GUIDANCE_REFERENCE_OPTION,
-                              GUIDANCE_SCALE_OPTION, INVERSION_GUIDANCE_OPTION, INVERSION_LABEL_OPTION,
-                              MASK_NOISE_DRAWS_OPTION, MASK_OPTION, MASK_THRESHOLD_OPTION, METHOD_OPTION, EditSettings,
-                              GuidanceReference, InversionLabel, Mask, Method, edit_at, flips_to, similarity,
-                              strength_option)
+                              GUIDANCE_SCALE_OPTION, GUIDE_MARGIN_OPTION, GUIDE_STRENGTHS_OPTION,
+                              INVERSION_GUIDANCE_OPTION, INVERSION_LABEL_OPTION, MASK_NOISE_DRAWS_OPTION, MASK_OPTION,
+                              MASK_THRESHOLD_OPTION, METHOD_OPTION, STRENGTH_RULE_OPTION, EditSettings,
+                              GuidanceReference, InversionLabel, Mask, Method, StrengthRule, edit_at, edit_guided,
+                              flips_to, similarity, strength_option)
 from pipeline.fid_ref import real_uint8
 from pipeline.models import pick_device
 from pipeline.sample import Sampler
@@ -111,14 +118,32 @@ def sweep_scores(sources: np.ndarray, source_labels: np.ndarray, edits_at: dict[
     return keys, rows
 
 
+def guide_scores(source_labels: np.ndarray, edits: np.ndarray, strengths: np.ndarray, evaluator: Evaluator,
+                 guide: Evaluator) -> dict[str, float]:
+    """Per direction, of guided edits: mean and largest strength, and the guide's own flip rate (its plain call) and
+    its agreement with the evaluator on the edits (each at its own threshold)."""
+    out: dict[str, float] = {}
+    p_guide, p_eval = guide.predict_proba(edits), evaluator.predict_proba(edits)
+    for d, (src, tgt) in DIRECTIONS.items():
+        m = source_labels == src
+        out[f"{d}_strength_max"] = round(float(strengths[m].max()), 5)
+        out[f"{d}_guide_flip_rate"] = round(float(flips_to(p_guide[m], guide.threshold, np.full(m.sum(), tgt)).mean()),
+                                            5)
+        out[f"{d}_guide_agreement"] = round(float(((p_guide[m] >= guide.threshold)
+                                                   == (p_eval[m] >= evaluator.threshold)).mean()), 5)
+    return out
+
+
 def panel_rows(source_labels: np.ndarray, test_index: np.ndarray, p_source: np.ndarray, p_edit: np.ndarray,
-               n: int) -> tuple[np.ndarray, list[str]]:
-    """The first ``n`` images of each direction, and their row labels (direction, test index, P(pneumonia))."""
+               strengths: np.ndarray, n: int) -> tuple[np.ndarray, list[str]]:
+    """The first ``n`` images of each direction, and their row labels (direction, test index, strength,
+    P(pneumonia))."""
     idx, labels = [], []
     for d, (src, _) in DIRECTIONS.items():
         for i in np.flatnonzero(source_labels == src)[:n]:
             idx.append(i)
-            labels.append(f"{ARROWS[d]}\ntest #{test_index[i]}\nP(pn) {p_source[i]:.2f}→{p_edit[i]:.2f}")
+            labels.append(f"{ARROWS[d]}\ntest #{test_index[i]}, t0 {strengths[i]:g}\n"
+                          f"P(pn) {p_source[i]:.2f}→{p_edit[i]:.2f}")
     return np.asarray(idx, dtype=np.int64), labels
 
 
@@ -135,6 +160,8 @@ def main(
     ldm: Path = typer.Option(..., help="Diffusion model folder (output of train_ldm)."),
     autoencoder: Path = typer.Option(..., help="Autoencoder model folder."),
     classifier: Path = typer.Option(..., help="Evaluator model folder (output of train_classifier)."),
+    guide: Path = typer.Option(..., help="Guide classifier folder (output of train_guide); read by --strength-rule "
+                               "guided only."),
     cohort_settings: Path = typer.Option(..., help="The sample stage's settings.json (guidance, steps, clamp, eta): "
                                          "the regenerate baseline is sampled as the cohorts were."),
     out: Path = typer.Option(..., help="Output npz: sources, edits, edits back, null edits, labels, test indices."),
@@ -149,6 +176,9 @@ def main(
                                               "null edits all of them."),
     strength_to_pneumonia: float = strength_option("pneumonia"),
     strength_to_normal: float = strength_option("normal"),
+    strength_rule: StrengthRule = STRENGTH_RULE_OPTION,
+    guide_strengths: list[float] = GUIDE_STRENGTHS_OPTION,
+    guide_margin: float = GUIDE_MARGIN_OPTION,
     method: Method = METHOD_OPTION,
     inversion_label: InversionLabel = INVERSION_LABEL_OPTION,
     inversion_guidance: float = INVERSION_GUIDANCE_OPTION,
@@ -186,11 +216,26 @@ def main(
     def edit(x: np.ndarray, a: np.ndarray, b: np.ndarray, s: float | np.ndarray, desc: str) -> np.ndarray:
         return edit_at(sampler, x, a, b, settings, np.broadcast_to(s, len(x)), seeds, batch_size, desc)
 
-    edits = edit(sources, src, tgt, to[tgt], "edit")
-    backs = edit(edits, tgt, src, to[src], "edit back")  # an edit to the source class, at that direction's strength
-    nulls = edit(sources, src, src, to[tgt], "null edit")  # the edit's own strength, target = source
-    result = {"n2p_strength": strength_to_pneumonia, "p2n_strength": strength_to_normal,
-              **direction_scores(sources, src, edits, backs, nulls, evaluator)}
+    if strength_rule == StrengthRule.guided:
+        if not (guide / "config.json").is_file():
+            raise PipelineError(f"strength_rule guided needs the guide's model folder (--guide), and {guide} has no "
+                                "config.json: run the train_guide stage first (dvc repro train_guide), or set "
+                                "counterfactual.strength_rule: fixed")
+        guide_model = load_classifier(guide)
+        edits, strengths = edit_guided(sampler, sources, src, tgt, settings, guide_strengths, guide_model,
+                                       guide_margin, seeds, batch_size, "guided edit")
+        backs, back_strengths = edit_guided(sampler, edits, tgt, src, settings, guide_strengths, guide_model,
+                                            guide_margin, seeds, batch_size, "guided edit back")
+    else:
+        strengths, back_strengths = to[tgt], to[src]
+        edits = edit(sources, src, tgt, strengths, "edit")
+        backs = edit(edits, tgt, src, back_strengths, "edit back")  # to the source class, at that direction's t0
+    strengths, back_strengths = np.broadcast_to(strengths, len(src)), np.broadcast_to(back_strengths, len(src))
+    nulls = edit(sources, src, src, strengths, "null edit")  # the edit's own strength, target = source
+    result = {**{f"{d}_strength": round(float(strengths[src == a].mean()), 5) for d, (a, _) in DIRECTIONS.items()},
+              **direction_scores(sources, src, edits, backs, nulls, evaluator)}  # guided: the mean strength
+    if strength_rule == StrengthRule.guided:
+        result.update(guide_scores(src, edits, strengths, evaluator, guide_model))
 
     recon = edit(sources, src, tgt, 0.0, "identity baseline")
     recon_back = edit(recon, tgt, src, 0.0, "identity baseline back")
@@ -209,18 +254,21 @@ def main(
     p_source, p_edit = evaluator.predict_proba(sources), evaluator.predict_proba(edits)
     with atomic_outputs(out, metrics, curve, figure, panels) as (tmp_out, tmp_metrics, tmp_curve, tmp_fig, tmp_pan):
         save_npz(tmp_out, sources=sources, edits=edits, reversed=backs, null_edits=nulls, source_labels=src,
-                 target_labels=tgt, test_index=test_index, seeds=np.asarray(seeds), p_source=p_source, p_edit=p_edit)
+                 target_labels=tgt, test_index=test_index, seeds=np.asarray(seeds), p_source=p_source, p_edit=p_edit,
+                 strengths=np.asarray(strengths, np.float64), back_strengths=np.asarray(back_strengths, np.float64))
         write_json(tmp_metrics, result)
         write_tsv(tmp_curve, rows)
         save_sweep_figure(tmp_fig, rows, f"counterfactual edits: {method.value}, inversion label "
                           f"{inversion_label.value} (guidance {inversion_guidance:g}),\nguidance {guidance_scale:g}, "
                           f"mask {mask.value}, change low-pass σ {change_sigma:g} px, "
                           f"{num_inference_steps} DDIM steps")
-        idx, row_labels = panel_rows(src, test_index, p_source, p_edit, n_panels)
+        idx, row_labels = panel_rows(src, test_index, p_source, p_edit, strengths, n_panels)
+        rule = (f"t0 per image: the smallest of {min(guide_strengths):g}-{max(guide_strengths):g} the guide accepts "
+                f"(margin {guide_margin:g})" if strength_rule == StrengthRule.guided else
+                f"t0 {strength_to_pneumonia:g} (n2p) / {strength_to_normal:g} (p2n)")
         save_edit_rows(tmp_pan, sources[idx], edits[idx], row_labels,
-                       f"counterfactual edits of real {split.value} images, t0 {strength_to_pneumonia:g} (n2p) / "
-                       f"{strength_to_normal:g} (p2n),\n{method.value}, guidance {guidance_scale:g}, change low-pass "
-                       f"σ {change_sigma:g} px",
+                       f"counterfactual edits of real {split.value} images, {rule},\n{method.value}, guidance "
+                       f"{guidance_scale:g}, change low-pass σ {change_sigma:g} px",
                        backs=backs[idx])
     typer.echo(" ".join(f"{k}={result[k]}" for k in result if not k.startswith(("sweep", "baseline"))), err=True)
 

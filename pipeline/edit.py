@@ -1,12 +1,16 @@
 """Edit one chest X-ray (PNG or DICOM) to the other clinical status: "how would pneumonia look on this child?".
 Not a DVC stage.
 
-Example:
-    python -m pipeline.edit --image x.png --target pneumonia --strength 0.5 --out out/
+Examples:
+    python -m pipeline.edit --image x.png --target pneumonia --out out/                  # strength guided per image
+    python -m pipeline.edit --image x.png --target pneumonia --strength 0.5 --out out/   # one fixed strength
 
 The image is read (DICOM: grayscale pipeline, MONOCHROME1 inverted, min-max scaled), its centre square resized to the
 data size, encoded, taken up the diffusion schedule by DDIM inversion (or SDEdit) to the strength, denoised under the
-target label with classifier-free guidance and decoded (see ``pipeline/editing.py``). The change is added back to the
+target label with classifier-free guidance and decoded (see ``pipeline/editing.py``). By default the strength is
+guided, as in the counterfactual stage: the smallest candidate strength whose edit the guide classifier
+(``train_guide``, ``models/guide``) calls the target class; ``--strength`` or ``--strength-rule fixed`` edits at one
+strength instead. The change is added back to the
 full-resolution image, so the output keeps the input's size; a DICOM output is a derived Secondary Capture with new
 UIDs (see ``pipeline/edit_io.py``). Writes into ``--out``:
 
@@ -29,9 +33,10 @@ from pipeline.data import CLASSES
 from pipeline.diffmaps import save_edit_rows
 from pipeline.edit_io import apply_change, derived_dicom, model_view, read_image, unflip, write_png
 from pipeline.editing import (CHANGE_SIGMA_OPTION, CLIP_DENOISED_OPTION, DEFAULT_STRENGTH, GUIDANCE_REFERENCE_OPTION,
-                              GUIDANCE_SCALE_OPTION, INVERSION_GUIDANCE_OPTION, INVERSION_LABEL_OPTION,
-                              MASK_NOISE_DRAWS_OPTION, MASK_OPTION, MASK_THRESHOLD_OPTION, METHOD_OPTION, STRENGTH_HELP,
-                              EditSettings, GuidanceReference, InversionLabel, Mask, Method, edit_images)
+                              GUIDANCE_SCALE_OPTION, GUIDE_MARGIN_OPTION, GUIDE_STRENGTHS_OPTION,
+                              INVERSION_GUIDANCE_OPTION, INVERSION_LABEL_OPTION, MASK_NOISE_DRAWS_OPTION, MASK_OPTION,
+                              MASK_THRESHOLD_OPTION, METHOD_OPTION, STRENGTH_HELP, STRENGTH_RULE_OPTION, EditSettings,
+                              GuidanceReference, InversionLabel, Mask, Method, StrengthRule, edit_guided, edit_images)
 from pipeline.generate import Label
 from pipeline.models import pick_device
 from pipeline.sample import Sampler
@@ -58,9 +63,13 @@ def main(
     target: Label = typer.Option(..., help="Clinical status to edit the image to."),
     out: Path = typer.Option(..., help="Output folder (created if absent) for the edit and the difference map."),
     strength: Optional[float] = typer.Option(None, min=0.0, max=1.0, help=f"Edit strength t0: {STRENGTH_HELP} "
-                                             "Default: the counterfactual stage's, "
+                                             "Given, the edit runs at this one strength (the fixed rule); with "
+                                             "--strength-rule fixed and no --strength: the counterfactual stage's, "
                                              + ", ".join(f"{v:g} to {k}" for k, v in DEFAULT_STRENGTH.items())
                                              + " (chosen on val: README)."),
+    strength_rule: StrengthRule = STRENGTH_RULE_OPTION,
+    guide_strengths: list[float] = GUIDE_STRENGTHS_OPTION,
+    guide_margin: float = GUIDE_MARGIN_OPTION,
     source: Optional[Label] = typer.Option(None, help="Clinical status of the input image; default: the other "
                                            "class than --target. Conditions the inversion (--inversion-label "
                                            "source) and the edit back."),
@@ -82,10 +91,16 @@ def main(
     autoencoder: Path = typer.Option(Path("models/autoencoder"), help="Autoencoder model folder."),
     classifier: Path = typer.Option(Path("models/classifier"), help="Evaluator folder; when present, its "
                                     "P(pneumonia) of the source and the edit is printed and shown; absent: skipped."),
+    guide: Path = typer.Option(Path("models/guide"), help="Guide classifier folder (train_guide), which chooses the "
+                               "strength of a guided edit."),
 ) -> None:
     """Edit one image to the target class; write the edit (same size and format as the input) and a difference map."""
     src_label = CLASSES.index(source.value) if source else 1 - CLASSES.index(target.value)
     tgt_label = CLASSES.index(target.value)
+    guided = strength is None and strength_rule == StrengthRule.guided
+    if guided and not (guide / "config.json").is_file():
+        raise PipelineError(f"a guided edit needs the guide classifier, and {guide} has no config.json: run dvc repro "
+                            "train_guide, pass --guide, or edit at one strength (--strength 0.5)")
     back_strength = DEFAULT_STRENGTH[CLASSES[src_label]] if strength is None else strength  # the way back's own
     strength = DEFAULT_STRENGTH[target.value] if strength is None else strength
     size = load_model_config(autoencoder)["data"]["size"]
@@ -95,13 +110,24 @@ def main(
     settings = EditSettings(strength, method, inversion_label, guidance_scale, guidance_reference, mask,
                             mask_threshold, mask_noise_draws, inversion_guidance, change_sigma)
     a, b = np.array([src_label]), np.array([tgt_label])
-    edit = edit_images(sampler, small, a, b, settings, [seed], 1, "edit")
-    back = edit_images(sampler, edit, b, a, replace(settings, strength=back_strength), [seed], 1, "edit back")
+    if guided:
+        from pipeline.classifier import load_classifier
+
+        guide_model = load_classifier(guide)
+        edit, chosen = edit_guided(sampler, small, a, b, settings, guide_strengths, guide_model, guide_margin, [seed],
+                                   1, "guided edit")
+        back, _ = edit_guided(sampler, edit, b, a, settings, guide_strengths, guide_model, guide_margin, [seed], 1,
+                              "guided edit back")
+        strength = float(chosen[0])
+    else:
+        edit = edit_images(sampler, small, a, b, settings, [seed], 1, "edit")
+        back = edit_images(sampler, edit, b, a, replace(settings, strength=back_strength), [seed], 1, "edit back")
+    how = f"guided (margin {guide_margin:g})" if guided else "fixed"
     full = unflip(apply_change(read.pixels, small[0], edit[0]), read.flips)
 
     out.mkdir(parents=True, exist_ok=True)
     stem = f"{image.stem}_to_{target.value}"
-    desc = (f"counterfactual {CLASSES[src_label]}->{target.value} strength={strength:g} method={method.value} "
+    desc = (f"counterfactual {CLASSES[src_label]}->{target.value} strength={strength:g} ({how}) method={method.value} "
             f"inversion_label={inversion_label.value} inversion_guidance={inversion_guidance:g} "
             f"guidance={guidance_scale:g} "
             f"guidance_reference={guidance_reference.value} mask={mask.value} mask_threshold={mask_threshold:g} "
@@ -114,7 +140,8 @@ def main(
         written = out / f"{stem}.png"
     note, log = evaluator_note(classifier, np.concatenate([small, edit]))
     save_edit_rows(out / f"{stem}_difference.png", small, edit, [f"{CLASSES[src_label]}→{target.value}"],
-                   f"t0 {strength:g}, {method.value}, guidance {guidance_scale:g}, low-pass σ {change_sigma:g}{note}",
+                   f"t0 {strength:g} ({how}), {method.value}, guidance {guidance_scale:g}, "
+                   f"low-pass σ {change_sigma:g}{note}",
                    backs=back, cell=1.6)
     typer.echo(f"wrote {written} and {out / (stem + '_difference.png')}; {log}", err=True)
 

@@ -58,17 +58,19 @@ from scipy.ndimage import gaussian_filter
 from torchmetrics.functional.image import structural_similarity_index_measure
 from tqdm import tqdm
 
+from pipeline.classifier import Evaluator
 from pipeline.cli import PipelineError
 from pipeline.diffusion import NULL_CLASS
 from pipeline.sample import Sampler
 
-__all__ = ["Method", "InversionLabel", "GuidanceReference", "Mask", "EditSettings", "edit_timesteps", "invert",
-           "invert_trajectory", "mask_seeds", "diffedit_mask", "contrast_output", "denoise_from", "noise_to",
+__all__ = ["Method", "InversionLabel", "GuidanceReference", "Mask", "StrengthRule", "EditSettings", "edit_timesteps",
+           "invert", "invert_trajectory", "mask_seeds", "diffedit_mask", "contrast_output", "denoise_from", "noise_to",
            "edit_latents", "smooth_change", "unclamped", "model_input", "edit_images", "edit_at", "similarity",
-           "flips_to", "DEFAULT_STRENGTH", "STRENGTH_HELP", "strength_option", "METHOD_OPTION",
-           "INVERSION_LABEL_OPTION", "GUIDANCE_SCALE_OPTION", "GUIDANCE_REFERENCE_OPTION", "MASK_OPTION",
-           "MASK_THRESHOLD_OPTION", "MASK_NOISE_DRAWS_OPTION", "INVERSION_GUIDANCE_OPTION", "CLIP_DENOISED_OPTION",
-           "CHANGE_SIGMA_OPTION"]
+           "flips_to", "guide_accepts", "edit_guided", "DEFAULT_STRENGTH", "DEFAULT_GUIDE_STRENGTHS",
+           "DEFAULT_GUIDE_MARGIN", "STRENGTH_HELP", "strength_option", "METHOD_OPTION", "STRENGTH_RULE_OPTION",
+           "GUIDE_STRENGTHS_OPTION", "GUIDE_MARGIN_OPTION", "INVERSION_LABEL_OPTION", "GUIDANCE_SCALE_OPTION",
+           "GUIDANCE_REFERENCE_OPTION", "MASK_OPTION", "MASK_THRESHOLD_OPTION", "MASK_NOISE_DRAWS_OPTION",
+           "INVERSION_GUIDANCE_OPTION", "CLIP_DENOISED_OPTION", "CHANGE_SIGMA_OPTION"]
 
 PSNR_CAP_DB = 100.0
 """PSNR of identical images is infinite; JSON metrics must be finite, so per-image PSNR is capped here."""
@@ -95,6 +97,14 @@ class GuidanceReference(str, Enum):
 
     unconditional = "unconditional"
     source = "source"
+
+
+class StrengthRule(str, Enum):
+    """How far each edit goes: one ``fixed`` strength per direction, or per image ``guided`` by a second classifier
+    (:func:`edit_guided`)."""
+
+    fixed = "fixed"
+    guided = "guided"
 
 
 class Mask(str, Enum):
@@ -140,7 +150,7 @@ class EditSettings:
     mask_threshold: float = 0.3
     mask_noise_draws: int = 4
     inversion_guidance: float = 7.0
-    change_sigma: float = 1.5
+    change_sigma: float = 1.0
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.strength <= 1.0:
@@ -155,10 +165,10 @@ class EditSettings:
             raise PipelineError(f"edit change_sigma must be at least 0, got {self.change_sigma}")
 
 
-DEFAULT_STRENGTH = {"pneumonia": 0.52, "normal": 0.58}
-"""Edit strength per target class: the smallest t0 whose edits of 100 real val images, with guided inversion and the
-change low-pass of σ 1.5 px, flip the evaluator at least 0.90 of the time (README, "Counterfactual editing");
-params.yaml's counterfactual section holds the same values."""
+DEFAULT_STRENGTH = {"pneumonia": 0.5, "normal": 0.5}
+"""Edit strength per target class of the fixed rule: the smallest t0 whose edits of 100 real val images, with guided
+inversion and the change low-pass of σ 1 px, flip the evaluator at least 0.90 of the time (README, "Counterfactual
+editing"); params.yaml's counterfactual section holds the same values."""
 
 
 STRENGTH_HELP = ("the fraction of the diffusion schedule the edit goes up; higher changes more (0 = autoencoder round "
@@ -169,6 +179,12 @@ def strength_option(target: str) -> typer.models.OptionInfo:
     """The ``--strength-to-<target>`` option: edit strength t0 of the edits to ``target``."""
     return typer.Option(DEFAULT_STRENGTH[target], min=0.0, max=1.0, help=f"Edit strength t0 of edits to {target}: "
                         f"{STRENGTH_HELP} metrics/plots/counterfactual_sweep.png shows flip rate against SSIM per t0.")
+
+
+DEFAULT_GUIDE_STRENGTHS = [round(0.2 + 0.02 * i, 2) for i in range(22)]
+"""Candidate strengths of guided edits: 0.20, 0.22, …, 0.62 (the range of the val grids, README)."""
+DEFAULT_GUIDE_MARGIN = 0.1
+"""How clearly the guide must call the target (:func:`guide_accepts`); chosen on val (README)."""
 
 
 # Command-line options of an edit, shared by the counterfactual stage and the edit command (one help text each; the
@@ -197,6 +213,14 @@ CHANGE_SIGMA_OPTION = typer.Option(_EDIT_DEFAULTS["change_sigma"], min=0.0, help
                                    "28-px image) of the Gaussian low-pass of the change (edit - source) added to the "
                                    "source: the edit keeps the source's detail finer than this and changes haze, "
                                    "opacities, brightness; 0 = off.")
+STRENGTH_RULE_OPTION = typer.Option(StrengthRule.guided, help="fixed: every edit of a direction at its "
+                                    "--strength-to-* t0; guided: each image at the smallest of --guide-strengths whose "
+                                    "edit the guide classifier (train_guide) calls the target class.")
+GUIDE_STRENGTHS_OPTION = typer.Option(DEFAULT_GUIDE_STRENGTHS, help="Guided edits: the candidate strengths, tried "
+                                      "from the smallest up (one option per value).")
+GUIDE_MARGIN_OPTION = typer.Option(DEFAULT_GUIDE_MARGIN, min=0.0, max=0.99, help="Guided edits: how clearly the "
+                                   "guide must call the target, as the share of the way from its threshold to "
+                                   "certainty (0 = its plain call).")
 CLIP_DENOISED_OPTION = typer.Option(0.0, min=0.0, help="Clamp the predicted clean latent to ±this while denoising "
                                     "(normalised latent units, 0 = off; the inversion never clamps).")
 
@@ -429,6 +453,66 @@ def edit_at(sampler: Sampler, images: np.ndarray, source: np.ndarray, target: np
         out[idx] = edit_images(sampler, images[idx], source[idx], target[idx], replace(settings, strength=float(s)),
                                [seeds[i] for i in idx], batch_size, f"{desc} t0={s:g}")
     return out
+
+
+def guide_accepts(prob: np.ndarray, threshold: float, target: np.ndarray, margin: float) -> np.ndarray:
+    """Whether a classifier calls each image the target class with a margin, per image.
+
+    Args:
+        prob: its P(pneumonia) per image.
+        threshold: its decision threshold (pneumonia when ``prob >= threshold``).
+        target: target label per image (0 normal, 1 pneumonia).
+        margin: in [0, 1), the share of the way from the threshold to certainty the call must clear: pneumonia needs
+            ``prob >= threshold + margin (1 − threshold)``, normal ``prob < threshold (1 − margin)``; 0 is the plain
+            call.
+    """
+    if not 0.0 <= margin < 1.0:
+        raise PipelineError(f"the guide margin must be in [0, 1), got {margin}")
+    to_pneumonia = prob >= threshold + margin * (1.0 - threshold)
+    to_normal = prob < threshold * (1.0 - margin)
+    return np.where(target == 1, to_pneumonia, to_normal)
+
+
+def edit_guided(sampler: Sampler, images: np.ndarray, source: np.ndarray, target: np.ndarray, settings: EditSettings,
+                strengths: list[float] | tuple[float, ...], guide: Evaluator, margin: float, seeds: list[int],
+                batch_size: int, desc: str = "editing") -> tuple[np.ndarray, np.ndarray]:
+    """Each image edited at the smallest of ``strengths`` whose edit the guide calls the target class.
+
+    The strengths are tried in increasing order; an image leaves the search at the first strength whose edit the guide
+    accepts (:func:`guide_accepts` with ``margin``), and takes the largest strength when none is accepted. Image i's
+    edit is the one :func:`edit_images` gives it at its chosen strength with ``seeds[i]`` (``settings.strength`` is
+    not used), so the guide only chooses how far each image goes, never what the edit draws.
+
+    Args:
+        sampler: the trained models and the DDIM scheduler.
+        images: uint8 N×H×W at the data size, unpadded.
+        source: source label per image.
+        target: target label per image.
+        settings: every edit setting but the strength.
+        strengths: the candidate strengths, each in [0, 1].
+        guide: the classifier that stops each image's search (not the evaluator the edits are judged by).
+        margin: how clearly the guide must call the target (:func:`guide_accepts`).
+        seeds: one per image (SDEdit noise, DiffEdit noise draws).
+        batch_size: images per batch (no effect on the edits).
+        desc: progress-bar label.
+
+    Returns:
+        uint8 edits N×H×W and the strength each image was edited at (float N).
+    """
+    grid = sorted(set(float(s) for s in strengths))
+    if not grid or any(not 0.0 <= s <= 1.0 for s in grid):
+        raise PipelineError(f"guided edits need candidate strengths in [0, 1], got {list(strengths)}")
+    out, chosen = np.empty_like(images), np.full(len(images), grid[-1])
+    todo = np.arange(len(images))
+    for s in grid:
+        if not len(todo):
+            break
+        edits = edit_at(sampler, images[todo], source[todo], target[todo], settings, np.full(len(todo), s),
+                        [seeds[i] for i in todo], batch_size, desc)
+        done = guide_accepts(guide.predict_proba(edits), guide.threshold, target[todo], margin) | (s == grid[-1])
+        out[todo[done]], chosen[todo[done]] = edits[done], s
+        todo = todo[~done]
+    return out, chosen
 
 
 def similarity(a: np.ndarray, b: np.ndarray) -> dict[str, np.ndarray]:

@@ -116,3 +116,50 @@ def test_recipe_is_seeded_and_selects_on_val():
     np.testing.assert_array_equal(ev.predict_proba(images), ev2.predict_proba(images))
     assert [h["epoch"] for h in history] == [1, 2] and threshold == ev.threshold
     assert roc_auc(ev.predict_proba(images), labels) == pytest.approx(max(h["val_auc"] for h in history))
+
+
+# --- the guide (train_guide): another network with the evaluator's recipe ----------------------------------------------
+
+
+def test_guide_stage_trains_another_network_with_the_evaluators_recipe(pipeline_run):
+    import yaml
+
+    from pipeline.train_guide import agreement
+
+    params = yaml.safe_load(pipeline_run.params.read_text())
+    metrics = json.loads((pipeline_run / "metrics/guide.json").read_text())
+    assert METRIC_KEYS | {"test_agreement_with_evaluator", "val_agreement_with_evaluator", "threshold", "best_epoch",
+                          "epochs", "seed", "wall_time_s"} == set(metrics)
+    assert metrics["epochs"] == params["classifier"]["epochs"] and metrics["seed"] == params["guide"]["seed"]
+    config = json.loads((pipeline_run / "models/guide/config.json").read_text())
+    assert config["args"]["block_inplanes"] == params["guide"]["widths"] != params["classifier"]["widths"]
+    assert config["role"].startswith("guide")
+    images, _ = load_split(pipeline_run / "data/prepared", "test")
+    guide, evaluator = (load_classifier(pipeline_run / f"models/{m}") for m in ("guide", "classifier"))
+    p_guide, p_eval = guide.predict_proba(images), evaluator.predict_proba(images)
+    assert metrics["test_agreement_with_evaluator"] == pytest.approx(
+        agreement(p_guide, guide.threshold, p_eval, evaluator.threshold), abs=1e-6)
+    assert not np.allclose(p_guide, p_eval)
+
+
+def test_agreement_counts_the_same_calls():
+    from pipeline.train_guide import agreement
+
+    assert agreement(np.array([0.9, 0.2, 0.6, 0.4]), 0.5, np.array([0.7, 0.1, 0.3, 0.45]), 0.4) == 0.5
+    with pytest.raises(ValueError, match="shape"):
+        agreement(np.zeros(3), 0.5, np.zeros(4), 0.5)
+
+
+def test_guide_stage_needs_the_evaluators_whole_recipe(pipeline_run, tmp_path, capsys):
+    import yaml
+
+    from conftest import run
+
+    params = yaml.safe_load(pipeline_run.params.read_text())
+    del params["classifier"]["epochs"]
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    code = run("train_guide", ["--params", tmp_path / "params.yaml", "--data", pipeline_run / "data/prepared",
+                               "--classifier", pipeline_run / "models/classifier", "--out", tmp_path / "guide",
+                               "--metrics", tmp_path / "guide.json", "--curve", tmp_path / "guide.tsv"])
+    assert code == 1 and "classifier.epochs" in capsys.readouterr().err
+    assert not (tmp_path / "guide").exists()

@@ -25,12 +25,14 @@ from pipeline.counterfactual import DIRECTIONS, select_sources
 from pipeline.data import load_prepared
 from pipeline.diffusion import NULL_CLASS, clip_denoised_latents, guided_output, unet_args
 from pipeline.edit_io import read_image
+from pipeline.classifier import load_classifier
 from pipeline.editing import (CHANGE_SIGMA_OPTION, DEFAULT_STRENGTH, GUIDANCE_REFERENCE_OPTION, GUIDANCE_SCALE_OPTION,
-                              INVERSION_GUIDANCE_OPTION, INVERSION_LABEL_OPTION, MASK_NOISE_DRAWS_OPTION, MASK_OPTION,
-                              MASK_THRESHOLD_OPTION, METHOD_OPTION, EditSettings, GuidanceReference, InversionLabel,
-                              Mask, Method, contrast_output, denoise_from, diffedit_mask, edit_at, edit_images,
-                              edit_latents, edit_timesteps, invert, invert_trajectory, mask_seeds, model_input,
-                              noise_to, similarity, smooth_change, unclamped)
+                              GUIDE_MARGIN_OPTION, GUIDE_STRENGTHS_OPTION, INVERSION_GUIDANCE_OPTION,
+                              INVERSION_LABEL_OPTION, MASK_NOISE_DRAWS_OPTION, MASK_OPTION, MASK_THRESHOLD_OPTION,
+                              METHOD_OPTION, STRENGTH_RULE_OPTION, EditSettings, GuidanceReference, InversionLabel,
+                              Mask, Method, contrast_output, denoise_from, diffedit_mask, edit_at, edit_guided,
+                              edit_images, edit_latents, edit_timesteps, guide_accepts, invert, invert_trajectory,
+                              mask_seeds, model_input, noise_to, similarity, smooth_change, unclamped)
 from pipeline.fid_ref import real_uint8
 from pipeline.sample import Sampler
 
@@ -222,7 +224,8 @@ def test_edit_command_defaults_are_the_stage_params():
                "guidance_scale": GUIDANCE_SCALE_OPTION, "guidance_reference": GUIDANCE_REFERENCE_OPTION,
                "mask": MASK_OPTION, "mask_threshold": MASK_THRESHOLD_OPTION,
                "mask_noise_draws": MASK_NOISE_DRAWS_OPTION, "inversion_guidance": INVERSION_GUIDANCE_OPTION,
-               "change_sigma": CHANGE_SIGMA_OPTION}
+               "change_sigma": CHANGE_SIGMA_OPTION, "strength_rule": STRENGTH_RULE_OPTION,
+               "guide_strengths": GUIDE_STRENGTHS_OPTION, "guide_margin": GUIDE_MARGIN_OPTION}
     for name, option in options.items():  # the edit command's defaults are the stage's
         default = option.default.value if isinstance(option.default, Enum) else option.default
         assert default == cf[name], name
@@ -232,6 +235,36 @@ def test_edit_command_defaults_are_the_stage_params():
             library.change_sigma) == (
         cf["method"], cf["inversion_label"], cf["guidance_scale"], cf["inversion_guidance"], cf["guidance_reference"],
         cf["mask"], cf["mask_threshold"], cf["mask_noise_draws"], cf["change_sigma"])
+
+
+def test_guide_accepts_a_clear_call_of_the_target_only():
+    prob = np.array([0.95, 0.55, 0.45, 0.2, 0.05])
+    target = np.array([1, 1, 1, 0, 0])
+    # threshold 0.5: plain call; margin 0.5 asks for P >= 0.75 towards pneumonia, P < 0.25 towards normal
+    assert guide_accepts(prob, 0.5, target, 0.0).tolist() == [True, True, False, True, True]
+    assert guide_accepts(prob, 0.5, target, 0.5).tolist() == [True, False, False, True, True]
+    assert guide_accepts(prob, 0.5, 1 - target, 0.5).tolist() == [False, False, False, False, False]
+    with pytest.raises(PipelineError, match="margin"):
+        guide_accepts(prob, 0.5, target, 1.0)
+
+
+def test_edit_guided_stops_each_image_at_the_first_strength_the_guide_accepts(pipeline_run, tiny_sampler,
+                                                                            test_images):
+    images, labels = test_images[0][:4], test_images[1][:4]
+    guide = load_classifier(pipeline_run / "models/guide")
+    settings, seeds, grid = EditSettings(0.0, guidance_scale=3.0), [5, 6, 7, 8], [0.6, 0.2, 0.4, 0.8]
+    out, chosen = edit_guided(tiny_sampler, images, labels, 1 - labels, settings, grid, guide, 0.0, seeds, 3)
+    assert set(chosen.tolist()) <= set(grid)
+    for i in range(len(images)):
+        at = {s: edit_images(tiny_sampler, images[i:i + 1], labels[i:i + 1], 1 - labels[i:i + 1],
+                             EditSettings(s, guidance_scale=3.0), seeds[i:i + 1], 1) for s in sorted(grid)}
+        assert np.array_equal(out[i], at[chosen[i]][0])  # the edit at its strength, nothing else
+        accepted = {s: bool(guide_accepts(guide.predict_proba(e), guide.threshold, 1 - labels[i:i + 1], 0.0)[0])
+                    for s, e in at.items()}
+        assert not any(accepted[s] for s in sorted(grid) if s < chosen[i])  # no smaller strength was enough
+        assert accepted[chosen[i]] or chosen[i] == max(grid)  # ... and its own was, unless it is the last
+    with pytest.raises(PipelineError, match="candidate strengths"):
+        edit_guided(tiny_sampler, images, labels, 1 - labels, settings, [0.2, 1.5], guide, 0.0, seeds, 3)
 
 
 def test_edit_at_gives_each_image_its_own_strength(tiny_sampler, test_images):
@@ -362,6 +395,9 @@ def test_stage_writes_every_metric_as_a_plain_number(cf_metrics):
         if k.endswith(("flip_rate", "ssim")):
             assert -1.0 <= cf_metrics[k] <= 1.0, k
     assert cf_metrics["n2p_n"] == cf_metrics["p2n_n"] == 3
+    for d in DIRECTIONS:  # the tiny profile's rule is guided
+        for key in ("strength_max", "guide_flip_rate", "guide_agreement"):
+            assert 0.0 <= cf_metrics[f"{d}_{key}"] <= 1.0
 
 
 def test_stage_baselines_bracket_the_trade_off(cf_metrics):
@@ -383,24 +419,38 @@ def test_stage_sweep_has_one_row_per_strength(pipeline_run, cf_metrics):
             assert f"sweep_t{s:g}_{d}_flip_rate" in cf_metrics and f"sweep_t{s:g}_{d}_ssim" in cf_metrics
 
 
-def test_stage_edits_each_direction_at_its_own_strength(pipeline_run, cf_metrics):
+def stage_settings(cf: dict, strength: float) -> EditSettings:
+    """The edit settings of a counterfactual params section, at ``strength``."""
+    return EditSettings(strength, Method(cf["method"]), InversionLabel(cf["inversion_label"]), cf["guidance_scale"],
+                        GuidanceReference(cf["guidance_reference"]), Mask(cf["mask"]), cf["mask_threshold"],
+                        cf["mask_noise_draws"], cf["inversion_guidance"], cf["change_sigma"])
+
+
+def test_stage_edits_each_image_at_the_strength_its_guide_chose(pipeline_run, cf_metrics):
     import yaml
 
     cf = yaml.safe_load(pipeline_run.params.read_text())["counterfactual"]
-    assert (cf_metrics["n2p_strength"], cf_metrics["p2n_strength"]) == (cf["strength_to_pneumonia"],
-                                                                         cf["strength_to_normal"])
+    assert cf["strength_rule"] == "guided"
     with np.load(pipeline_run / "data/counterfactuals.npz") as z:
-        sources, src, edits, seeds = z["sources"], z["source_labels"], z["edits"], z["seeds"].tolist()
+        sources, src, edits, seeds, chosen = (z["sources"], z["source_labels"], z["edits"], z["seeds"].tolist(),
+                                              z["strengths"])
+    assert set(chosen.tolist()) <= set(cf["guide_strengths"])
+    for d, (label, _) in DIRECTIONS.items():
+        assert cf_metrics[f"{d}_strength"] == pytest.approx(chosen[src == label].mean(), abs=1e-5)
+        assert cf_metrics[f"{d}_strength_max"] == pytest.approx(chosen[src == label].max(), abs=1e-5)
     sampler = Sampler(pipeline_run / "models/ldm", pipeline_run / "models/autoencoder", cf["num_inference_steps"],
                       torch.device("cpu"), cf["clip_denoised"])
-    for label, key in ((0, "strength_to_pneumonia"), (1, "strength_to_normal")):
-        i = np.flatnonzero(src == label)
-        settings = EditSettings(cf[key], Method(cf["method"]), InversionLabel(cf["inversion_label"]),
-                                cf["guidance_scale"], GuidanceReference(cf["guidance_reference"]), Mask(cf["mask"]),
-                                cf["mask_threshold"], cf["mask_noise_draws"], cf["inversion_guidance"],
-                                cf["change_sigma"])
-        expected = edit_images(sampler, sources[i], src[i], 1 - src[i], settings, [seeds[k] for k in i], 2)
-        assert np.abs(edits[i].astype(int) - expected.astype(int)).max() <= 1, key
+    guide = load_classifier(pipeline_run / "models/guide")
+    for i in range(len(sources)):
+        one = slice(i, i + 1)
+        expected = edit_images(sampler, sources[one], src[one], 1 - src[one], stage_settings(cf, float(chosen[i])),
+                               seeds[one], 1)
+        assert np.abs(edits[i].astype(int) - expected[0].astype(int)).max() <= 1, i
+        smaller = [s for s in cf["guide_strengths"] if s < chosen[i]]
+        if smaller:  # the strength before was not enough for the guide
+            before = edit_images(sampler, sources[one], src[one], 1 - src[one], stage_settings(cf, max(smaller)),
+                                 seeds[one], 1)
+            assert not guide_accepts(guide.predict_proba(before), guide.threshold, 1 - src[one], cf["guide_margin"])[0]
 
 
 def test_stage_arrays_and_figures(pipeline_run):
@@ -425,13 +475,31 @@ def test_stage_on_val_edits_val_images(pipeline_run, tmp_path, capsys):
             "--cohort-settings", ws / "data/samples/settings.json", "--out", tmp_path / "cf.npz",
             "--metrics", tmp_path / "cf.json", "--curve", tmp_path / "cf.tsv", "--figure", tmp_path / "cf.png",
             "--panels", tmp_path / "panels.png", "--split", "val", "--n-per-class", "2", "--sweep-strengths", "0.5"]
-    assert run("counterfactual", args) == 0
+    args += ["--guide", tmp_path / "nowhere"]
+    assert run("counterfactual", args + ["--strength-rule", "guided"]) == 1
+    assert "nowhere has no config.json: run the train_guide stage" in capsys.readouterr().err
+    assert run("counterfactual", args + ["--strength-rule", "fixed"]) == 0  # the fixed rule reads no guide
     with np.load(tmp_path / "cf.npz") as z:
-        index, sources = z["test_index"], z["sources"]
+        index, sources, src, edits, seeds, chosen = (z["test_index"], z["sources"], z["source_labels"], z["edits"],
+                                                     z["seeds"].tolist(), z["strengths"])
     images, labels = real_uint8(ws / "data/prepared", "val")
     assert np.array_equal(images[index], sources) and np.bincount(labels[index]).tolist() == [2, 2]
+    import yaml
+
+    cf = yaml.safe_load(ws.params.read_text())["counterfactual"]
+    metrics = json.loads((tmp_path / "cf.json").read_text())
+    assert (metrics["n2p_strength"], metrics["p2n_strength"]) == (cf["strength_to_pneumonia"], cf["strength_to_normal"])
+    assert "n2p_guide_flip_rate" not in metrics
+    sampler = Sampler(ws / "models/ldm", ws / "models/autoencoder", cf["num_inference_steps"], torch.device("cpu"),
+                      cf["clip_denoised"])
+    for label, key in ((0, "strength_to_pneumonia"), (1, "strength_to_normal")):  # each direction at its own t0
+        i = np.flatnonzero(src == label)
+        assert np.all(chosen[i] == cf[key])
+        expected = edit_images(sampler, sources[i], src[i], 1 - src[i], stage_settings(cf, cf[key]),
+                               [seeds[k] for k in i], 2)
+        assert np.abs(edits[i].astype(int) - expected.astype(int)).max() <= 1, key
     capsys.readouterr()
-    assert run("counterfactual", args[:-6] + ["--split", "val", "--n-per-class", "13"]) == 1  # 12 per class
+    assert run("counterfactual", args + ["--n-per-class", "13"]) == 1  # 12 per class
     assert "but the val split has only 12" in capsys.readouterr().err
 
 
@@ -440,7 +508,7 @@ def test_stage_on_val_edits_val_images(pipeline_run, tmp_path, capsys):
 
 def model_args(ws) -> list[str]:
     return ["--ldm", str(ws / "models/ldm"), "--autoencoder", str(ws / "models/autoencoder"),
-            "--classifier", str(ws / "models/classifier"), "--steps", "10"]
+            "--classifier", str(ws / "models/classifier"), "--guide", str(ws / "models/guide"), "--steps", "10"]
 
 
 def test_edit_command_on_a_png_matches_the_library(pipeline_run, test_images, tmp_path):
@@ -461,6 +529,28 @@ def test_edit_command_on_a_png_matches_the_library(pipeline_run, test_images, tm
                                         inversion_guidance=INVERSION_GUIDANCE_OPTION.default), [0], 1)  # its defaults
     assert np.abs(out.astype(int) - expected[0].astype(int)).max() <= 1
     assert (tmp_path / "out/child_to_pneumonia_difference.png").is_file()
+
+
+def test_edit_command_guides_the_strength_by_default(pipeline_run, test_images, tmp_path):
+    images, labels = test_images
+    k = int(np.flatnonzero(labels == 1)[0])
+    Image.fromarray(images[k], mode="L").save(tmp_path / "child.png")
+    args = ["--image", str(tmp_path / "child.png"), "--target", "normal", "--out", str(tmp_path / "out"),
+            "--guide-margin", "0.1", *model_args(pipeline_run)]
+    result = CliRunner().invoke(edit_cmd.app, args)
+    assert result.exit_code == 0, result.output
+    with Image.open(tmp_path / "out/child_to_normal.png") as img:
+        out = np.asarray(img)
+    sampler = Sampler(pipeline_run / "models/ldm", pipeline_run / "models/autoencoder", 10, torch.device("cpu"),
+                      clip_denoised=0.0)
+    expected, _ = edit_guided(sampler, images[k:k + 1], np.array([1]), np.array([0]),
+                              EditSettings(0.0, guidance_scale=GUIDANCE_SCALE_OPTION.default,
+                                           inversion_guidance=INVERSION_GUIDANCE_OPTION.default),
+                              GUIDE_STRENGTHS_OPTION.default, load_classifier(pipeline_run / "models/guide"), 0.1,
+                              [0], 1)
+    assert np.abs(out.astype(int) - expected[0].astype(int)).max() <= 1
+    missing = CliRunner().invoke(edit_cmd.app, args + ["--guide", str(tmp_path / "nowhere")])
+    assert isinstance(missing.exception, PipelineError) and "nowhere" in str(missing.exception)
 
 
 def make_dicom(path, photometric: str = "MONOCHROME2", rows: int = 64, cols: int = 80) -> Dataset:
@@ -499,7 +589,7 @@ def test_edit_command_on_a_dicom_keeps_geometry_and_marks_it_derived(pipeline_ru
     assert ds.SourceImageSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
     assert [float(v) for v in ds.PixelSpacing] == [0.5, 0.5] and list(ds.PatientOrientation) == ["L", "F"]
     assert str(ds.PatientName) != "Doe^Jane" and ds.PatientID != "12345"
-    assert f"strength={DEFAULT_STRENGTH['pneumonia']:g}" in ds.DerivationDescription  # the default to pneumonia
+    assert "(guided (margin" in ds.DerivationDescription  # the default rule
     assert (tmp_path / "out/xray_to_pneumonia_difference.png").is_file()
     # the change lives in the centre square; the columns outside it keep the source's grey levels
     src = read_image(tmp_path / "xray.dcm").pixels
