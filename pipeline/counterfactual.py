@@ -35,7 +35,7 @@ import numpy as np
 import typer
 
 from pipeline.artifacts import atomic_outputs, save_npz, write_json, write_tsv
-from pipeline.charts import save_panels
+from pipeline.charts import plt, save_panels
 from pipeline.classifier import Evaluator, load_classifier
 from pipeline.cli import PipelineError, params_option, run_stage
 from pipeline.data import CLASSES
@@ -48,6 +48,7 @@ from pipeline.editing import (CHANGE_SIGMA_OPTION, CLIP_DENOISED_OPTION, GUIDANC
                               flips_to, similarity, strength_option)
 from pipeline.fid_ref import real_uint8
 from pipeline.models import pick_device
+from pipeline.plots import finish_figure
 from pipeline.sample import Sampler
 
 SECTION = "counterfactual"  # the params.yaml section this stage reads
@@ -154,6 +155,37 @@ def save_sweep_figure(path: Path, rows: list[dict[str, float]], title: str) -> N
     save_panels(path, [r["strength"] for r in rows], panels, "edit strength t0 (fraction of the schedule)", title)
 
 
+def save_frontier_figure(path: Path, rows: list[dict[str, float]], points: dict[str, tuple[float, float, str]],
+                         title: str) -> None:
+    """Flip rate against SSIM, the trade-off an operating point is chosen on.
+
+    Args:
+        path: output PNG.
+        rows: the sweep's rows (:func:`sweep_scores`): one fixed strength each, drawn as a line per direction with
+            each point labelled by its t0.
+        points: direction -> (SSIM, flip rate, label) of the stage's own edits, drawn as a star.
+        title: figure title.
+    """
+    fig, ax = plt.subplots(figsize=(6.6, 4.8))
+    for k, d in enumerate(DIRECTIONS):
+        color = f"C{k}"
+        x, y = [r[f"ssim_{d}"] for r in rows], [r[f"flip_{d}"] for r in rows]
+        ax.plot(x, y, marker="o", color=color, label=f"{ARROWS[d]}: one fixed t0 (sweep)")
+        for r, xi, yi in zip(rows, x, y):
+            ax.annotate(f"{r['strength']:g}", (xi, yi), textcoords="offset points", xytext=(4, -10), fontsize=7,
+                        color=color)
+        ssim, flip, label = points[d]
+        ax.plot([ssim], [flip], marker="*", markersize=15, color=color, linestyle="none",
+                label=f"{ARROWS[d]}: {label}")
+    ax.axhline(0.9, color="grey", linestyle="--", linewidth=1, label="flip rate 0.90 / SSIM 0.85 (the targets)")
+    ax.axvline(0.85, color="grey", linestyle="--", linewidth=1)
+    ax.set_xlabel("SSIM edit vs source (higher keeps more of the image)")
+    ax.set_ylabel("flip rate to the target class (evaluator)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower left")
+    finish_figure(fig, path, title, 10)
+
+
 @app.command()
 def main(
     data: Path = typer.Option(..., help="Prepared data folder (real images to edit)."),
@@ -168,6 +200,8 @@ def main(
     metrics: Path = typer.Option(..., help="Output metrics JSON (per direction, baselines, sweep)."),
     curve: Path = typer.Option(..., help="Output TSV, one row per sweep strength, for dvc plots."),
     figure: Path = typer.Option(..., help="Output PNG: flip rate and SSIM against the strength."),
+    frontier: Path = typer.Option(..., help="Output PNG: flip rate against SSIM, the sweep's fixed strengths as a "
+                                  "line and the stage's own edits as a star, per direction."),
     panels: Path = typer.Option(..., help="Output PNG: source | edit | signed difference | edit back, per image."),
     params: Path = params_option(),
     split: Split = typer.Option(Split.test, help="Real split edited: test (what the stage reports) or val (to choose "
@@ -247,12 +281,13 @@ def main(
     result.update({f"baseline_regenerate_{k}": v for k, v in
                    direction_scores(sources, src, regen, regen_src, regen_src, evaluator).items()})
 
-    edits_at = {s: edit(sources, src, tgt, s, f"edit t0={s:g}") for s in sorted(set(sweep_strengths))}
+    edits_at = {s: edit(sources, src, tgt, s, "sweep, edit") for s in sorted(set(sweep_strengths))}
     sweep_keys, rows = sweep_scores(sources, src, edits_at, evaluator)
     result.update(sweep_keys)
     result["wall_time_s"] = round(time.time() - t0, 1)
     p_source, p_edit = evaluator.predict_proba(sources), evaluator.predict_proba(edits)
-    with atomic_outputs(out, metrics, curve, figure, panels) as (tmp_out, tmp_metrics, tmp_curve, tmp_fig, tmp_pan):
+    outputs = (out, metrics, curve, figure, frontier, panels)
+    with atomic_outputs(*outputs) as (tmp_out, tmp_metrics, tmp_curve, tmp_fig, tmp_frontier, tmp_pan):
         save_npz(tmp_out, sources=sources, edits=edits, reversed=backs, null_edits=nulls, source_labels=src,
                  target_labels=tgt, test_index=test_index, seeds=np.asarray(seeds), p_source=p_source, p_edit=p_edit,
                  strengths=np.asarray(strengths, np.float64), back_strengths=np.asarray(back_strengths, np.float64))
@@ -262,6 +297,13 @@ def main(
                           f"{inversion_label.value} (guidance {inversion_guidance:g}),\nguidance {guidance_scale:g}, "
                           f"mask {mask.value}, change low-pass σ {change_sigma:g} px, "
                           f"{num_inference_steps} DDIM steps")
+        guided = strength_rule == StrengthRule.guided
+        points = {d: (result[f"{d}_ssim"], result[f"{d}_flip_rate"],
+                      f"guided t0 per image (mean {result[f'{d}_strength']:.2f})" if guided
+                      else f"this stage's t0 {result[f'{d}_strength']:g}") for d in DIRECTIONS}
+        save_frontier_figure(tmp_frontier, rows, points, f"counterfactual edits of real {split.value} images: flip "
+                             f"rate against identity\nchange low-pass σ {change_sigma:g} px, guidance "
+                             f"{guidance_scale:g}, {num_inference_steps} DDIM steps")
         idx, row_labels = panel_rows(src, test_index, p_source, p_edit, strengths, n_panels)
         rule = (f"t0 per image: the smallest of {min(guide_strengths):g}-{max(guide_strengths):g} the guide accepts "
                 f"(margin {guide_margin:g})" if strength_rule == StrengthRule.guided else

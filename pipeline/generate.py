@@ -16,11 +16,11 @@ import numpy as np
 import typer
 from PIL import Image
 
-from pipeline.cli import PipelineError, run_command
+from pipeline.cli import run_command
 from pipeline.data import CLASSES
 from pipeline.dicom import write_synthetic_dicom
 from pipeline.models import pick_device
-from pipeline.sample import Sampler, class_mean_latents
+from pipeline.sample import Sampler
 
 app = typer.Typer(add_completion=False, help=__doc__)
 
@@ -65,12 +65,8 @@ def main(
                                  "the x0 spread (not read with --x0-spread 1)."),
 ) -> None:
     """Generate N images of the chosen class and write them as PNG and/or DICOM."""
-    means = class_mean_latents(latents, ldm) if x0_spread != 1 else None
-    try:
-        sampler = Sampler(ldm, autoencoder, steps, pick_device(), clip_denoised, eta, guidance_max_t, x0_spread,
-                          x0_spread_min_t, means)
-    except ValueError as exc:
-        raise PipelineError(str(exc)) from None
+    sampler = Sampler.with_spread(ldm, autoencoder, steps, pick_device(), clip_denoised, eta, guidance_max_t,
+                                  x0_spread, x0_spread_min_t, latents)
     labels = np.full(n, CLASSES.index(label.value), dtype=np.int64)
     seeds = [seed + i for i in range(n)]
     images = sampler.generate(labels, seeds, guidance_scale, batch_size)
@@ -81,7 +77,7 @@ def main(
     if fmt in (Format.dicom, Format.both):
         desc = [f"label={label.value} seed={s} guidance={guidance_scale} guidance_max_t="
                 f"{','.join(map(str, guidance_max_t))} ddim_steps={steps} eta={eta:g}"
-                + (f" x0_spread={x0_spread:g}@t>={x0_spread_min_t}" if x0_spread != 1 else "") for s in seeds]
+                f"{sampler.spread_label(compact=True)}" for s in seeds]
         write_synthetic_dicom(out / "dicom", images, [label.value] * n, desc)
     typer.echo(f"wrote {n} {label.value} images to {out}", err=True)
 

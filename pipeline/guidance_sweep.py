@@ -27,7 +27,7 @@ from pipeline.fid import fid_from_features, inception_features
 from pipeline.models import pick_device
 from pipeline.plots import save_rows
 from pipeline.quality import kid
-from pipeline.sample import Sampler, class_mean_latents
+from pipeline.sample import Sampler
 from pipeline.sample import app as sample_app
 
 SECTION = "guidance_sweep"  # the params.yaml section this stage reads
@@ -78,10 +78,9 @@ def main(
     labels = stratified_labels(ref_labels, n_images)
     seeds = [seed + i for i in range(n_images)]
     cohort = read_keys(params, "ldm", SAMPLER_KEYS, [sample_app], "guidance_sweep")
-    spread = cohort["x0_spread"]
-    means = class_mean_latents(latents, ldm) if spread != 1 else None
-    sampler = Sampler(ldm, autoencoder, cohort["num_inference_steps"], pick_device(), cohort["clip_denoised"],
-                      cohort["eta"], cohort["guidance_max_t"], spread, cohort["x0_spread_min_t"], means)
+    sampler = Sampler.with_spread(ldm, autoencoder, cohort["num_inference_steps"], pick_device(),
+                                  cohort["clip_denoised"], cohort["eta"], cohort["guidance_max_t"],
+                                  cohort["x0_spread"], cohort["x0_spread_min_t"], latents)
     evaluator = load_classifier(classifier)
     rows, grids, out = [], [], {}
     show = np.concatenate([np.flatnonzero(labels == k)[:6] for k in range(len(CLASSES))])
@@ -105,7 +104,7 @@ def main(
                                            "AUC": [r["label_fidelity_auc"] for r in rows]}},
             "guidance scale w", f"classifier-free guidance sweep, {sampler.num_inference_steps} DDIM steps, "
             f"eta {sampler.eta:g}, guidance at t <= {'/'.join(map(str, sampler.guidance_max_t))}"
-            + (f", x0 spread {sampler.x0_spread:g} at t >= {sampler.x0_spread_min_t}" if sampler.x0_spread != 1 else ""))
+            f"{sampler.spread_label()}")
         save_rows(tmp_grid, grids, "same seeds at each guidance scale (6 normal, then 6 pneumonia)")
 
 

@@ -106,6 +106,32 @@ class Sampler:
         sampler.guidance_scale = float(cohort["guidance_scale"])
         return sampler
 
+    @classmethod
+    def with_spread(cls, ldm_dir: Path, ae_dir: Path, num_inference_steps: int, device: torch.device,
+                    clip_denoised: float, eta: float, guidance_max_t: Sequence[int] | None, x0_spread: float,
+                    x0_spread_min_t: int, latents: Path) -> "Sampler":
+        """A sampler whose x0 spread, when on, is centred on the class means of the training latents in ``latents``
+        (:func:`class_mean_latents`; not read with ``x0_spread`` 1). The other arguments are the constructor's.
+
+        Raises:
+            PipelineError: a bad sampler setting, or the latents or the model's config are missing.
+        """
+        means = class_mean_latents(latents, ldm_dir) if x0_spread != 1 else None
+        try:
+            return cls(ldm_dir, ae_dir, num_inference_steps, device, clip_denoised, eta, guidance_max_t, x0_spread,
+                       x0_spread_min_t, means)
+        except ValueError as exc:
+            raise PipelineError(str(exc)) from None
+
+    def spread_label(self, compact: bool = False) -> str:
+        """The x0 spread in words for titles (``", x0 spread 1.03 at t >= 200"``), or as ``key=value`` for DICOM
+        descriptions (``compact``: ``" x0_spread=1.03@t>=200"``); empty when the spread is off."""
+        if self.x0_spread == 1:
+            return ""
+        if compact:
+            return f" x0_spread={self.x0_spread:g}@t>={self.x0_spread_min_t}"
+        return f", x0 spread {self.x0_spread:g} at t >= {self.x0_spread_min_t}"
+
     def initial_noise(self, seeds: list[int]) -> torch.Tensor:
         """One latent of Gaussian noise per seed (each from its own generator)."""
         c = self.config["args"]["in_channels"]
@@ -278,13 +304,8 @@ def main(
 ) -> None:
     """Sample the label-matched and balanced cohorts; write arrays, a grid and sampling speed."""
     t0 = time.time()
-    means = class_mean_latents(latents, ldm) if x0_spread != 1 else None
-    try:
-        sampler = Sampler(ldm, autoencoder, num_inference_steps, pick_device(), clip_denoised, eta, guidance_max_t,
-                          x0_spread, x0_spread_min_t, means)
-    except ValueError as exc:
-        raise PipelineError(str(exc)) from None
-    spread = f" x0_spread={x0_spread:g}@t>={x0_spread_min_t}" if x0_spread != 1 else ""
+    sampler = Sampler.with_spread(ldm, autoencoder, num_inference_steps, pick_device(), clip_denoised, eta,
+                                  guidance_max_t, x0_spread, x0_spread_min_t, latents)
     with np.load(latents / "train.npz") as z:
         matched = label_matched(z["labels"])
     balanced = np.repeat(np.arange(len(CLASSES)), balanced_per_class)
@@ -302,19 +323,19 @@ def main(
             if name == "matched":
                 save_rows(tmp_grid, [(c, images[labels == k][:12]) for k, c in enumerate(CLASSES)],
                           f"samples, guidance {guidance_scale} (t <= {'/'.join(map(str, guidance_max_t))}), "
-                          f"{num_inference_steps} DDIM steps, eta {eta:g}"
-                          + (f", x0 spread {x0_spread:g} at t >= {x0_spread_min_t}" if x0_spread != 1 else ""))
+                          f"{num_inference_steps} DDIM steps, eta {eta:g}{sampler.spread_label()}")
             else:
                 export_dicom(tmp_out / "dicom", images, labels, seeds, dicom_per_class,
                              f"guidance={guidance_scale} guidance_max_t={','.join(map(str, guidance_max_t))} "
-                             f"ddim_steps={num_inference_steps} clip={clip_denoised} eta={eta:g}{spread}")
+                             f"ddim_steps={num_inference_steps} clip={clip_denoised} eta={eta:g}"
+                             f"{sampler.spread_label(compact=True)}")
         write_json(tmp_out / "settings.json", {"guidance_scale": guidance_scale, "sample_seed": sample_seed,
                                                  "guidance_max_t": list(guidance_max_t),
                                                  "num_inference_steps": num_inference_steps,
                                                  "clip_denoised": clip_denoised, "eta": eta,
                                                  "x0_spread": x0_spread, "x0_spread_min_t": x0_spread_min_t})
-        if means is not None:
-            save_npz(tmp_out / CLASS_MEANS_FILE, class_means=means.numpy())
+        if sampler.class_means is not None:
+            save_npz(tmp_out / CLASS_MEANS_FILE, class_means=sampler.class_means.cpu().numpy())
         result["wall_time_s"] = round(time.time() - t0, 1)
         write_json(tmp_metrics, result)
 

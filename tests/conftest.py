@@ -150,6 +150,7 @@ def pipeline_run(tmp_path_factory: pytest.TempPathFactory, medmnist_root: Path) 
                             "--metrics", ws / "metrics/counterfactual.json",
                             "--curve", ws / "metrics/plots/counterfactual_sweep.tsv",
                             "--figure", ws / "metrics/plots/counterfactual_sweep.png",
+                            "--frontier", ws / "metrics/plots/counterfactual_frontier.png",
                             "--panels", ws / "metrics/plots/counterfactual_panels.png"]),
         ("sampling_speed", ["--ldm", ws / "models/ldm", "--autoencoder", ws / "models/autoencoder",
                             "--samples", ws / "data/samples", "--metrics", ws / "metrics/sampling_speed.json"]),

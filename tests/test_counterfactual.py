@@ -463,7 +463,7 @@ def test_stage_arrays_and_figures(pipeline_run):
     images, labels = real_uint8(pipeline_run / "data/prepared", "test")
     assert np.array_equal(images[arrays["test_index"]], arrays["sources"])
     assert np.array_equal(labels[arrays["test_index"]], arrays["source_labels"])
-    for name in ("counterfactual_sweep.png", "counterfactual_panels.png"):
+    for name in ("counterfactual_sweep.png", "counterfactual_frontier.png", "counterfactual_panels.png"):
         with Image.open(pipeline_run / "metrics/plots" / name) as img:
             assert img.size[0] > 200 and img.size[1] > 200
 
@@ -474,11 +474,13 @@ def test_stage_on_val_edits_val_images(pipeline_run, tmp_path, capsys):
             "--autoencoder", ws / "models/autoencoder", "--classifier", ws / "models/classifier",
             "--cohort-settings", ws / "data/samples/settings.json", "--out", tmp_path / "cf.npz",
             "--metrics", tmp_path / "cf.json", "--curve", tmp_path / "cf.tsv", "--figure", tmp_path / "cf.png",
-            "--panels", tmp_path / "panels.png", "--split", "val", "--n-per-class", "2", "--sweep-strengths", "0.5"]
+            "--frontier", tmp_path / "frontier.png", "--panels", tmp_path / "panels.png", "--split", "val",
+            "--n-per-class", "2", "--sweep-strengths", "0.5"]
     args += ["--guide", tmp_path / "nowhere"]
     assert run("counterfactual", args + ["--strength-rule", "guided"]) == 1
     assert "nowhere has no config.json: run the train_guide stage" in capsys.readouterr().err
     assert run("counterfactual", args + ["--strength-rule", "fixed"]) == 0  # the fixed rule reads no guide
+    assert (tmp_path / "frontier.png").is_file() and not (tmp_path / "nowhere").exists()
     with np.load(tmp_path / "cf.npz") as z:
         index, sources, src, edits, seeds, chosen = (z["test_index"], z["sources"], z["source_labels"], z["edits"],
                                                      z["seeds"].tolist(), z["strengths"])

@@ -381,3 +381,17 @@ def test_generate_defaults_are_the_cohort_sampler_params():
     assert defaults == {"guidance_scale": ldm["guidance_scale"], "guidance_max_t": ldm["guidance_max_t"],
                         "steps": ldm["num_inference_steps"], "clip_denoised": ldm["clip_denoised"], "eta": ldm["eta"],
                         "x0_spread": ldm["x0_spread"], "x0_spread_min_t": ldm["x0_spread_min_t"]}
+
+
+def test_with_spread_centres_the_spread_on_the_training_class_means(pipeline_run, tmp_path):
+    ldm, ae, latents = pipeline_run / "models/ldm", pipeline_run / "models/autoencoder", pipeline_run / "data/latents"
+    spread = Sampler.with_spread(ldm, ae, 5, pick_device(), 0.0, 1.0, None, 1.2, 50, latents)
+    torch.testing.assert_close(spread.class_means.cpu(), class_mean_latents(latents, ldm))
+    assert spread.spread_label() == ", x0 spread 1.2 at t >= 50"
+    assert spread.spread_label(compact=True) == " x0_spread=1.2@t>=50"
+    plain = Sampler.with_spread(ldm, ae, 5, pick_device(), 0.0, 1.0, None, 1.0, 50, tmp_path / "nowhere")
+    assert plain.class_means is None and plain.spread_label() == plain.spread_label(compact=True) == ""
+    with pytest.raises(PipelineError, match="nowhere"):  # the spread on, the latents missing
+        Sampler.with_spread(ldm, ae, 5, pick_device(), 0.0, 1.0, None, 1.2, 50, tmp_path / "nowhere")
+    with pytest.raises(PipelineError, match="eta"):  # a bad setting is the user's error, not a traceback
+        Sampler.with_spread(ldm, ae, 5, pick_device(), 0.0, -1.0, None, 1.0, 50, latents)
