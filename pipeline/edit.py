@@ -7,12 +7,13 @@ Examples:
 
 The image is read (DICOM: grayscale pipeline, MONOCHROME1 inverted, min-max scaled), its centre square resized to the
 data size, encoded, taken up the diffusion schedule by DDIM inversion (or SDEdit) to the strength, denoised under the
-target label with classifier-free guidance and decoded (see ``pipeline/editing.py``). By default the strength is
+target label with classifier-free guidance and decoded (see ``pipeline/diffusion/edit.py``). By default the strength is
 guided, as in the counterfactual stage: the smallest candidate strength whose edit the guide classifier
 (``train_guide``, ``models/guide``) calls the target class; ``--strength`` or ``--strength-rule fixed`` edits at one
 strength instead. The change is added back to the
 full-resolution image, so the output keeps the input's size; a DICOM output is a derived Secondary Capture with new
-UIDs (see ``pipeline/edit_io.py``). Writes into ``--out``:
+UIDs (see ``pipeline/formats/images.py``). Every edit setting defaults to the counterfactual stage's (the
+``counterfactual`` section of ``--params``, params.yaml). Writes into ``--out``:
 
 - ``<name>_to_<target>.png`` or ``.dcm``: the edit, same rows and columns as the input;
 - ``<name>_to_<target>_difference.png``: source | edit | signed difference heat map | edit back, at the data size.
@@ -27,19 +28,22 @@ from typing import Optional
 import numpy as np
 import typer
 
-from pipeline.artifacts import load_model_config
-from pipeline.cli import PipelineError
-from pipeline.data import CLASSES
-from pipeline.diffmaps import save_edit_rows
-from pipeline.edit_io import apply_change, derived_dicom, model_view, read_image, unflip, write_png
-from pipeline.editing import (CHANGE_SIGMA_OPTION, CLIP_DENOISED_OPTION, DEFAULT_STRENGTH, GUIDANCE_REFERENCE_OPTION,
-                              GUIDANCE_SCALE_OPTION, GUIDE_MARGIN_OPTION, GUIDE_STRENGTHS_OPTION,
-                              INVERSION_GUIDANCE_OPTION, INVERSION_LABEL_OPTION, MASK_NOISE_DRAWS_OPTION, MASK_OPTION,
-                              MASK_THRESHOLD_OPTION, METHOD_OPTION, STRENGTH_HELP, STRENGTH_RULE_OPTION, EditSettings,
-                              GuidanceReference, InversionLabel, Mask, Method, StrengthRule, edit_guided, edit_images)
-from pipeline.generate import Label
-from pipeline.models import pick_device
-from pipeline.sample import Sampler
+from pipeline.core.artifacts import load_model_config
+from pipeline.core.cli import PipelineError, params_option, run_command
+from pipeline.core.data import CLASSES, Label
+from pipeline.core.runtime import pick_device
+from pipeline.diffusion.edit import (CHANGE_SIGMA_OPTION, CLIP_DENOISED_OPTION, GUIDANCE_REFERENCE_OPTION,
+                                     GUIDANCE_SCALE_OPTION, GUIDE_MARGIN_OPTION, GUIDE_STRENGTHS_OPTION,
+                                     INVERSION_GUIDANCE_OPTION, INVERSION_LABEL_OPTION, MASK_NOISE_DRAWS_OPTION,
+                                     MASK_OPTION, MASK_THRESHOLD_OPTION, METHOD_OPTION, STRENGTH_HELP,
+                                     STRENGTH_RULE_OPTION, EditSettings, GuidanceReference, InversionLabel, Mask,
+                                     Method, StrengthRule, edit_guided, edit_images, strength_option)
+from pipeline.diffusion.sampler import Sampler
+from pipeline.evaluation.classifier import load_classifier
+from pipeline.figures.grids import save_edit_rows
+from pipeline.formats.images import apply_change, derived_dicom, model_view, read_image, unflip, write_png
+
+SECTION = "counterfactual"  # the edit options take their defaults from this params.yaml section, as the stage edits
 
 app = typer.Typer(add_completion=False, help=__doc__)
 
@@ -48,8 +52,6 @@ def evaluator_note(classifier: Path, images: np.ndarray) -> tuple[str, str]:
     """``P(pneumonia)`` of each image by the evaluator, as text for the figure and the log ('' without one)."""
     if not (classifier / "config.json").is_file():
         return "", f"no evaluator at {classifier}: P(pneumonia) not reported"
-    from pipeline.classifier import load_classifier
-
     ev = load_classifier(classifier)
     p = ev.predict_proba(images)
     text = " → ".join(f"{v:.2f}" for v in p)
@@ -64,10 +66,11 @@ def main(
     out: Path = typer.Option(..., help="Output folder (created if absent) for the edit and the difference map."),
     strength: Optional[float] = typer.Option(None, min=0.0, max=1.0, help=f"Edit strength t0: {STRENGTH_HELP} "
                                              "Given, the edit runs at this one strength (the fixed rule); with "
-                                             "--strength-rule fixed and no --strength: the counterfactual stage's, "
-                                             + ", ".join(f"{v:g} to {k}" for k, v in DEFAULT_STRENGTH.items())
-                                             + " (chosen on val: README)."),
+                                             "--strength-rule fixed and no --strength: --strength-to-<target>."),
+    params: Path = params_option(),
     strength_rule: StrengthRule = STRENGTH_RULE_OPTION,
+    strength_to_pneumonia: float = strength_option("pneumonia"),
+    strength_to_normal: float = strength_option("normal"),
     guide_strengths: list[float] = GUIDE_STRENGTHS_OPTION,
     guide_margin: float = GUIDE_MARGIN_OPTION,
     source: Optional[Label] = typer.Option(None, help="Clinical status of the input image; default: the other "
@@ -77,15 +80,15 @@ def main(
     inversion_label: InversionLabel = INVERSION_LABEL_OPTION,
     inversion_guidance: float = INVERSION_GUIDANCE_OPTION,
     guidance_scale: float = GUIDANCE_SCALE_OPTION,
-    steps: int = typer.Option(50, min=1, help="DDIM steps of a full schedule (an edit runs about t0 x steps up "
-                              "and as many down)."),
+    num_inference_steps: int = typer.Option(..., "--num-inference-steps", "--steps", min=1, help="DDIM steps of "
+                                            "a full schedule (an edit runs about t0 x steps up and as many down)."),
     guidance_reference: GuidanceReference = GUIDANCE_REFERENCE_OPTION,
     clip_denoised: float = CLIP_DENOISED_OPTION,
     mask: Mask = MASK_OPTION,
     mask_threshold: float = MASK_THRESHOLD_OPTION,
     mask_noise_draws: int = MASK_NOISE_DRAWS_OPTION,
     change_sigma: float = CHANGE_SIGMA_OPTION,
-    seed: int = typer.Option(0, help="Seed of the SDEdit noise and of the DiffEdit mask's noise draws (DDIM "
+    seed: int = typer.Option(..., help="Seed of the SDEdit noise and of the DiffEdit mask's noise draws (DDIM "
                              "inversion itself is deterministic)."),
     ldm: Path = typer.Option(Path("models/ldm"), help="Diffusion model folder."),
     autoencoder: Path = typer.Option(Path("models/autoencoder"), help="Autoencoder model folder."),
@@ -101,18 +104,17 @@ def main(
     if guided and not (guide / "config.json").is_file():
         raise PipelineError(f"a guided edit needs the guide classifier, and {guide} has no config.json: run dvc repro "
                             "train_guide, pass --guide, or edit at one strength (--strength 0.5)")
-    back_strength = DEFAULT_STRENGTH[CLASSES[src_label]] if strength is None else strength  # the way back's own
-    strength = DEFAULT_STRENGTH[target.value] if strength is None else strength
+    fixed = {"pneumonia": strength_to_pneumonia, "normal": strength_to_normal}
+    back_strength = fixed[CLASSES[src_label]] if strength is None else strength  # the way back's own
+    strength = fixed[target.value] if strength is None else strength
     size = load_model_config(autoencoder)["data"]["size"]
     read = read_image(image)
     small = model_view(read.pixels, size)[None]
-    sampler = Sampler(ldm, autoencoder, steps, pick_device(), clip_denoised)
+    sampler = Sampler(ldm, autoencoder, num_inference_steps, pick_device(), clip_denoised)
     settings = EditSettings(strength, method, inversion_label, guidance_scale, guidance_reference, mask,
                             mask_threshold, mask_noise_draws, inversion_guidance, change_sigma)
     a, b = np.array([src_label]), np.array([tgt_label])
     if guided:
-        from pipeline.classifier import load_classifier
-
         guide_model = load_classifier(guide)
         edit, chosen = edit_guided(sampler, small, a, b, settings, guide_strengths, guide_model, guide_margin, [seed],
                                    1, "guided edit")
@@ -131,7 +133,7 @@ def main(
             f"inversion_label={inversion_label.value} inversion_guidance={inversion_guidance:g} "
             f"guidance={guidance_scale:g} "
             f"guidance_reference={guidance_reference.value} mask={mask.value} mask_threshold={mask_threshold:g} "
-            f"change_sigma={change_sigma:g} ddim_steps={steps} seed={seed}")
+            f"change_sigma={change_sigma:g} ddim_steps={num_inference_steps} seed={seed}")
     if read.dataset is not None:
         derived_dicom(read.dataset, full, target.value, desc).save_as(out / f"{stem}.dcm", enforce_file_format=True)
         written = out / f"{stem}.dcm"
@@ -146,14 +148,5 @@ def main(
     typer.echo(f"wrote {written} and {out / (stem + '_difference.png')}; {log}", err=True)
 
 
-def cli() -> None:
-    """Run with one-line errors for problems the user can fix."""
-    try:
-        app()
-    except PipelineError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise SystemExit(exc.exit_code) from None
-
-
 if __name__ == "__main__":
-    cli()
+    run_command(app, SECTION)

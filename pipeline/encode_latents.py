@@ -11,25 +11,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 import typer
 
-from pipeline.artifacts import atomic_outputs, load_model, save_npz, write_json
-from pipeline.cli import run_stage
-from pipeline.data import SPLITS, load_prepared
-from pipeline.models import REGISTRY, encode_mean, pick_device
+from pipeline.core.artifacts import atomic_outputs, load_model, save_npz, write_json
+from pipeline.core.cli import run_stage
+from pipeline.core.data import SPLITS, load_prepared
+from pipeline.core.runtime import pick_device
+from pipeline.diffusion.latents import scale_stats
+from pipeline.diffusion.networks import REGISTRY, encode_mean
 
 SECTION = None  # no hyperparameters
 app = typer.Typer(add_completion=False, help=__doc__)
-
-
-def scale_stats(latents: torch.Tensor) -> dict[str, float | list[int] | list[float]]:
-    """Global mean, std and scale factor (1/std) of train latents N×C×h×w, per-channel means and stds, and the
-    latent shape C×h×w."""
-    std = latents.std().item()
-    return {"scale_factor": 1.0 / std, "latent_std": std, "latent_mean": latents.mean().item(),
-            "latent_shape": list(latents.shape[1:]),
-            "channel_mean": latents.mean(dim=(0, 2, 3)).tolist(), "channel_std": latents.std(dim=(0, 2, 3)).tolist()}
 
 
 @app.command()

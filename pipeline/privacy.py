@@ -2,7 +2,7 @@
 
 Memorisation. For every image of the label-matched cohort, its nearest and second-nearest real training image, in
 pixel space (L2 on images in [0, 1], 784-d) and in FID Inception space (L2 on the 2048-d features of
-:mod:`pipeline.fid`), by exact distances (:mod:`pipeline.memorization`). The same for real test images (never trained
+:mod:`pipeline.evaluation.fid`), by exact distances (:mod:`pipeline.evaluation.privacy`). The same for real test images (never trained
 on: the reference distribution of "close but not copied") and real val images. Near-copy rule, in each space: the
 nearest training image is closer than ``near_copy_ratio`` (1/3) times the second nearest (Yoon et al. 2023; Gu et
 al., TMLR 2025; after Carlini et al. 2023). PneumoniaMNIST's train split holds duplicates (18 pairs at L2 <= 0.02, the
@@ -27,65 +27,30 @@ Higher than real: less diverse (collapse); lower: noisier than real. Reads the `
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import typer
 
-from pipeline.artifacts import atomic_outputs, write_json
-from pipeline.cli import PipelineError, params_option, run_stage
-from pipeline.data import CLASSES
-from pipeline.fid_ref import real_uint8
-from pipeline.memorization import (distance_ratio, msssim_of_pairs, near_copy_mask, nearest_two, quantiles,
-                                   unique_indices, unit_pixels)
-from pipeline.pair_plots import PairBlock, save_histograms, save_pairs
+from pipeline.core.artifacts import atomic_outputs, load_npz, write_json
+from pipeline.core.cli import PipelineError, params_option, run_stage
+from pipeline.core.data import real_images
+from pipeline.evaluation.privacy import (REFERENCES, SPACES, ImageSet, Neighbours, check_gate, diversity_metrics,
+                                         near_copy_mask, neighbours, quantiles, space_metrics, unique_indices,
+                                         unit_pixels)
+from pipeline.figures.charts import save_histograms
+from pipeline.figures.grids import PairBlock, save_pairs
 
 SECTION = "privacy"  # the params.yaml section this stage reads
-SPACES = ("pixel", "inception")
-REFERENCES = ("test", "val")  # real splits never trained on
 app = typer.Typer(add_completion=False, help=__doc__)
-
-
-@dataclass
-class ImageSet:
-    """uint8 images N×H×W, their labels and their Inception features (N×2048)."""
-
-    images: np.ndarray
-    labels: np.ndarray
-    features: np.ndarray
-
-    def vectors(self, space: str) -> np.ndarray:
-        """The vectors whose L2 distances define ``space``."""
-        return unit_pixels(self.images).numpy() if space == "pixel" else self.features
-
-    def subset(self, idx: np.ndarray) -> ImageSet:
-        """The images at ``idx``."""
-        return ImageSet(self.images[idx], self.labels[idx], self.features[idx])
-
-
-@dataclass
-class Neighbours:
-    """Distances of queries to their nearest (d1) and second-nearest (d2) train image, and the nearest's index."""
-
-    d1: np.ndarray
-    d2: np.ndarray
-    index: np.ndarray
-
-    @property
-    def ratio(self) -> np.ndarray:
-        """d1 / d2 (0 where both are 0)."""
-        return distance_ratio(self.d1, self.d2)
 
 
 def load_cohort(samples: Path, features: Path) -> ImageSet:
     """The label-matched cohort with its Inception features; they must come from the same run."""
-    with np.load(samples / "cohort_matched.npz") as z:
-        images, labels = z["images"], z["labels"]
-    if not features.is_file():
-        raise PipelineError(f"{features} not found: run the fid stage first (dvc repro fid)")
-    with np.load(features) as z:
-        feats, feat_labels = z["features"], z["labels"]
+    cohort = load_npz(samples / "cohort_matched.npz", ("images", "labels"), "sample")
+    images, labels = cohort["images"], cohort["labels"]
+    z = load_npz(features, ("features", "labels"), "fid")
+    feats, feat_labels = z["features"], z["labels"]
     if len(feats) != len(images) or not np.array_equal(feat_labels, labels):
         raise PipelineError(f"{features} does not belong to {samples / 'cohort_matched.npz'} ({len(feats)} vs "
                             f"{len(images)} images, or other labels): rerun the fid stage on these samples")
@@ -94,59 +59,12 @@ def load_cohort(samples: Path, features: Path) -> ImageSet:
 
 def load_real(data: Path, fid_ref: Path, split: str) -> ImageSet:
     """A real split's unpadded uint8 images, labels and cached Inception features."""
-    images, labels = real_uint8(data, split)
-    with np.load(fid_ref / f"{split}.npz") as z:
-        feats = z["features"]
+    images, labels = real_images(data, split)
+    feats = load_npz(fid_ref / f"{split}.npz", ("features",), "fid_ref")["features"]
     if len(feats) != len(images):
         raise PipelineError(f"{fid_ref / f'{split}.npz'} has {len(feats)} feature vectors for {len(images)} "
                             f"{split} images: rerun fid_ref on this prepared data")
     return ImageSet(images, labels, feats)
-
-
-def neighbours(query: ImageSet, train: ImageSet, space: str, desc: str) -> Neighbours:
-    """Nearest and second-nearest train image of every query image in ``space``."""
-    return Neighbours(*nearest_two(query.vectors(space), train.vectors(space), desc=desc))
-
-
-def space_metrics(space: str, nb: dict[str, Neighbours], ratio: float) -> dict[str, float]:
-    """Near-copy counts, d1 quantiles and the calibrated fractions of one space (keys start with ``space``)."""
-    syn, test = nb["synthetic"], nb["test"]
-    flagged = near_copy_mask(syn.d1, syn.d2, ratio)
-    out: dict[str, float] = {f"{space}_near_copies": int(flagged.sum()),
-                             f"{space}_near_copy_fraction": float(flagged.mean())}
-    for ref in REFERENCES:
-        out[f"{space}_{ref}_near_copies"] = int(near_copy_mask(nb[ref].d1, nb[ref].d2, ratio).sum())
-    q_syn, q_test = quantiles(syn.d1), quantiles(test.d1)
-    out.update({f"{space}_d1_synthetic_{k}": v for k, v in q_syn.items()})
-    out.update({f"{space}_d1_test_{k}": v for k, v in q_test.items()})
-    for k in ("p01", "p05"):
-        out[f"{space}_synthetic_below_test_{k}"] = float((syn.d1 < q_test[k]).mean())
-    out[f"{space}_ratio_synthetic_min"] = float(syn.ratio.min())
-    out[f"{space}_ratio_test_min"] = float(test.ratio.min())
-    return out
-
-
-def diversity_metrics(synthetic: ImageSet, real: ImageSet, n_pairs: int, seed: int, kernel_size: int, sigma: float,
-                      scales: int) -> dict[str, float]:
-    """Mean MS-SSIM of random same-class pairs, synthetic and real train, per class, and their difference."""
-    out: dict[str, float] = {}
-    for k, cls in enumerate(CLASSES):
-        means = {}
-        for s, (name, images) in enumerate((("synthetic", synthetic), ("real_train", real))):
-            pool = images.images[images.labels == k]
-            if len(pool) < 2:
-                raise PipelineError(f"MS-SSIM needs at least 2 {name} images of class {cls}, got {len(pool)}")
-            rng = np.random.default_rng([seed, k, s])  # one stream per class and set: each mean stands alone
-            try:
-                scores = msssim_of_pairs(pool, n_pairs, rng, kernel_size, sigma, scales, desc=f"ms-ssim {name} {cls}")
-            except ValueError as exc:  # torchmetrics: window or number of scales too large for the image size
-                raise PipelineError(f"privacy.ssim_kernel_size={kernel_size} / privacy.ssim_scales={scales} do not "
-                                    f"fit {pool.shape[-1]}-px images: {exc}") from exc
-            means[name] = float(scores.mean())
-            out[f"msssim_{cls}_{name}"] = means[name]
-        out[f"msssim_{cls}_diff"] = means["synthetic"] - means["real_train"]
-    out["msssim_max_abs_diff"] = max(abs(out[f"msssim_{cls}_diff"]) for cls in CLASSES)
-    return out
 
 
 def closest_block(query: ImageSet, train: ImageSet, train_ids: np.ndarray, nb: Neighbours, flagged: np.ndarray,
@@ -183,17 +101,17 @@ def main(
     pairs_figure: Path = typer.Option(..., help="Output PNG: the closest synthetic/train pairs."),
     distances_figure: Path = typer.Option(..., help="Output PNG: nearest-train-image distance histograms."),
     params: Path = params_option(),
-    near_copy_ratio: float = typer.Option(0.333, min=0.0, max=1.0,
+    near_copy_ratio: float = typer.Option(..., min=0.0, max=1.0,
                                           help="Near-copy: nearest train image closer than this times the second."),
-    max_near_copies: int = typer.Option(0, min=0, help="Gate: fail when more synthetic images are near-copies."),
-    duplicate_distance: float = typer.Option(0.1, min=0.0,
+    max_near_copies: int = typer.Option(..., min=0, help="Gate: fail when more synthetic images are near-copies."),
+    duplicate_distance: float = typer.Option(..., min=0.0,
                                              help="Train images closer than this (pixel L2, [0, 1]) count as one."),
-    n_show: int = typer.Option(16, min=1, help="Closest pairs shown per block of the pairs figure."),
-    n_pairs: int = typer.Option(1000, min=1, help="Random same-class pairs per class and set for MS-SSIM."),
-    ssim_scales: int = typer.Option(3, min=1, max=5, help="MS-SSIM scales (28 px: 3 -> 28, 14, 7 px)."),
-    ssim_kernel_size: int = typer.Option(5, min=3, help="MS-SSIM Gaussian window size (odd)."),
-    ssim_sigma: float = typer.Option(1.0, min=0.01, help="MS-SSIM Gaussian window std (pixels)."),
-    seed: int = typer.Option(0, help="Seed of the MS-SSIM pair draws."),
+    n_show: int = typer.Option(..., min=1, help="Closest pairs shown per block of the pairs figure."),
+    n_pairs: int = typer.Option(..., min=1, help="Random same-class pairs per class and set for MS-SSIM."),
+    ssim_scales: int = typer.Option(..., min=1, max=5, help="MS-SSIM scales (28 px: 3 -> 28, 14, 7 px)."),
+    ssim_kernel_size: int = typer.Option(..., min=3, help="MS-SSIM Gaussian window size (odd)."),
+    ssim_sigma: float = typer.Option(..., min=0.01, help="MS-SSIM Gaussian window std (pixels)."),
+    seed: int = typer.Option(..., help="Seed of the MS-SSIM pair draws."),
 ) -> None:
     """Nearest-training-image distances and the near-copy gate, plus MS-SSIM diversity vs real images."""
     t0 = time.time()
@@ -234,20 +152,6 @@ def main(
                         "distance to the nearest real train image: synthetic vs real test")
     typer.echo(" ".join(f"{k}={v}" for k, v in out.items()), err=True)
     check_gate(out, near_copy_ratio, max_near_copies, pairs_figure)
-
-
-def check_gate(out: dict[str, float], ratio: float, max_near_copies: int, figure: Path) -> None:
-    """Fail (after the outputs are written) when more synthetic images are near-copies than allowed.
-
-    Raises:
-        PipelineError: ``near_copies`` > ``max_near_copies``.
-    """
-    if out["near_copies"] > max_near_copies:
-        raise PipelineError(
-            f"{out['near_copies']} of {out['n_synthetic']} synthetic images are near-copies of training images "
-            f"(pixel {out['pixel_near_copies']}, Inception {out['inception_near_copies']}; rule: nearest train image "
-            f"closer than privacy.near_copy_ratio={ratio:g} x the second nearest), more than "
-            f"privacy.max_near_copies={max_near_copies}; look at {figure} (flagged pairs first)")
 
 
 if __name__ == "__main__":

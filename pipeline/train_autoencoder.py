@@ -1,9 +1,7 @@
 """Stage ``train_autoencoder``: train MONAI's AutoencoderKL on the prepared train split, keep the best-on-val weights.
 
 Loss: L1 reconstruction + ``kl_weight`` · KL, plus (if ``adv_weight`` > 0, from ``adv_start_epoch``) a least-squares
-patch-adversarial term with MONAI's PatchDiscriminator, which sharpens reconstructions (Esser et al., "Taming
-Transformers", CVPR 2021; Rombach et al., "High-Resolution Image Synthesis with Latent Diffusion Models", CVPR 2022).
-Reads the ``autoencoder`` section of params.yaml.
+patch-adversarial term (:mod:`pipeline.diffusion.autoencoder`). Reads the ``autoencoder`` section of params.yaml.
 """
 
 from __future__ import annotations
@@ -14,67 +12,18 @@ from pathlib import Path
 
 import torch
 import typer
-from monai.losses import PatchAdversarialLoss
-from monai.networks.nets import AutoencoderKL, PatchDiscriminator
+from monai.networks.nets import AutoencoderKL
 from tqdm import tqdm
 
-from pipeline.artifacts import atomic_outputs, save_model, seed_all, write_json, write_tsv
-from pipeline.cli import params_option, run_stage
-from pipeline.data import load_prepared, read_meta
-from pipeline.models import autoencoder_args, batched, kl_loss, pick_device
+from pipeline.core.artifacts import atomic_outputs, save_model, seed_all, write_json, write_tsv
+from pipeline.core.cli import params_option, run_stage
+from pipeline.core.data import load_prepared, read_meta
+from pipeline.core.runtime import pick_device
+from pipeline.diffusion.autoencoder import Trainer, val_l1
+from pipeline.diffusion.networks import autoencoder_args
 
 SECTION = "autoencoder"  # the params.yaml section this stage reads
 app = typer.Typer(add_completion=False, help=__doc__)
-
-
-class Trainer:
-    """Holds the autoencoder, the optional discriminator, their optimisers and one training step."""
-
-    def __init__(self, ae: AutoencoderKL, *, lr: float, total_steps: int, kl_weight: float, adv_weight: float,
-                 disc_channels: int, device: torch.device) -> None:
-        self.ae, self.kl_weight, self.adv_weight, self.device = ae.to(device), kl_weight, adv_weight, device
-        self.opt = torch.optim.AdamW(ae.parameters(), lr=lr, weight_decay=0.0)
-        self.sched = torch.optim.lr_scheduler.OneCycleLR(self.opt, max_lr=lr, total_steps=max(total_steps, 1),
-                                                         pct_start=0.05)
-        self.disc = PatchDiscriminator(spatial_dims=2, num_layers_d=2, channels=disc_channels, in_channels=1,
-                                       out_channels=1).to(device) if adv_weight > 0 else None
-        self.opt_d = torch.optim.AdamW(self.disc.parameters(), lr=lr) if self.disc is not None else None
-        self.adv = PatchAdversarialLoss(criterion="least_squares")
-
-    def step(self, x: torch.Tensor, use_adv: bool) -> dict[str, float]:
-        """One optimisation step on batch ``x``; returns its loss terms."""
-        self.ae.train()
-        recon, z_mu, z_sigma = self.ae(x)
-        l1 = (recon - x).abs().mean()
-        kl = kl_loss(z_mu, z_sigma)
-        loss = l1 + self.kl_weight * kl
-        out = {"l1": l1.item(), "kl": kl.item()}
-        if use_adv and self.disc is not None:
-            g_adv = self.adv(self.disc(recon)[-1], target_is_real=True, for_discriminator=False)
-            loss = loss + self.adv_weight * g_adv
-            out["g_adv"] = g_adv.item()
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        self.opt.step()
-        self.sched.step()
-        if use_adv and self.disc is not None:
-            out["d_adv"] = self._disc_step(x, recon.detach())
-        return out
-
-    def _disc_step(self, real: torch.Tensor, fake: torch.Tensor) -> float:
-        loss = 0.5 * (self.adv(self.disc(fake)[-1], target_is_real=False, for_discriminator=True)
-                      + self.adv(self.disc(real)[-1], target_is_real=True, for_discriminator=True))
-        self.opt_d.zero_grad(set_to_none=True)
-        loss.backward()
-        self.opt_d.step()
-        return loss.item()
-
-
-def val_l1(ae: AutoencoderKL, x: torch.Tensor, device: torch.device) -> float:
-    """Mean L1 of deterministic reconstructions (posterior mean) over ``x``."""
-    ae.eval()
-    recon = batched(lambda b: ae.decode(ae.encode(b)[0]), x, 256, device)
-    return (recon - x).abs().mean().item()
 
 
 @app.command()
@@ -84,18 +33,18 @@ def main(
     metrics: Path = typer.Option(..., help="Output JSON: best epoch, best val L1, steps, wall time."),
     curve: Path = typer.Option(..., help="Output TSV of per-epoch losses for dvc plots."),
     params: Path = params_option(),
-    channels: list[int] = typer.Option([64, 128], help="Channels per level; latent = size / 2^(levels-1)."),
-    latent_channels: int = typer.Option(4, min=1, help="Latent channels."),
-    num_res_blocks: int = typer.Option(2, min=1, help="Residual blocks per level."),
-    norm_num_groups: int = typer.Option(32, min=1, help="GroupNorm groups (must divide every channel count)."),
-    epochs: int = typer.Option(30, min=1, help="Training epochs over the train split."),
-    batch_size: int = typer.Option(64, min=1, help="Batch size."),
-    lr: float = typer.Option(1e-3, min=0.0, help="Peak learning rate (one-cycle schedule, AdamW)."),
-    kl_weight: float = typer.Option(1e-6, min=0.0, help="Weight of the KL term."),
-    adv_weight: float = typer.Option(0.0, min=0.0, help="Weight of the patch-adversarial term (0 = off)."),
-    adv_start_epoch: int = typer.Option(0, min=0, help="Epoch from which the adversarial term is used."),
-    disc_channels: int = typer.Option(32, min=1, help="Base channels of the PatchDiscriminator."),
-    seed: int = typer.Option(0, help="Seed for weights and batch order."),
+    channels: list[int] = typer.Option(..., help="Channels per level; latent = size / 2^(levels-1)."),
+    latent_channels: int = typer.Option(..., min=1, help="Latent channels."),
+    num_res_blocks: int = typer.Option(..., min=1, help="Residual blocks per level."),
+    norm_num_groups: int = typer.Option(..., min=1, help="GroupNorm groups (must divide every channel count)."),
+    epochs: int = typer.Option(..., min=1, help="Training epochs over the train split."),
+    batch_size: int = typer.Option(..., min=1, help="Batch size."),
+    lr: float = typer.Option(..., min=0.0, help="Peak learning rate (one-cycle schedule, AdamW)."),
+    kl_weight: float = typer.Option(..., min=0.0, help="Weight of the KL term."),
+    adv_weight: float = typer.Option(..., min=0.0, help="Weight of the patch-adversarial term (0 = off)."),
+    adv_start_epoch: int = typer.Option(..., min=0, help="Epoch from which the adversarial term is used."),
+    disc_channels: int = typer.Option(..., min=1, help="Base channels of the PatchDiscriminator."),
+    seed: int = typer.Option(..., help="Seed for weights and batch order."),
 ) -> None:
     """Train the autoencoder; write the best-on-val model folder, a loss curve and a metrics JSON."""
     t0 = time.time()
@@ -129,7 +78,7 @@ def main(
     ae.load_state_dict(best_state)
     meta = read_meta(data)
     with atomic_outputs(out, metrics, curve) as (tmp_out, tmp_metrics, tmp_curve):
-        save_model(tmp_out, ae, "AutoencoderKL", args, data=meta)
+        save_model(tmp_out, ae, "AutoencoderKL", args, "train_autoencoder", data=meta)
         write_tsv(tmp_curve, [{k: r.get(k, float("nan")) for k in rows[-1]} for r in rows])
         write_json(tmp_metrics, {"best_epoch": best_epoch, "best_val_l1": round(best, 6), "epochs": epochs,
                                  "steps": epochs * steps_per_epoch, "wall_time_s": round(time.time() - t0, 1)})

@@ -1,7 +1,7 @@
 """Stage ``train_guide``: a second pneumonia-vs-normal classifier, the guide that stops guided counterfactual edits.
 
 The counterfactual stage's ``strength_rule: guided`` edits each image at the smallest strength whose edit this guide
-calls the target class (:func:`pipeline.editing.edit_guided`), so that an easy image is changed less than a hard one.
+calls the target class (:func:`pipeline.diffusion.edit.edit_guided`), so that an easy image is changed less than a hard one.
 The edits are then judged by the *evaluator* (``train_classifier``), never by the guide: the guide is another model,
 trained on the same real train split with its own architecture and seed, so that the flip rate the stage reports is
 not the guide's own verdict. How often the two agree is written to the metrics (on real test images, and in the
@@ -20,10 +20,10 @@ from pathlib import Path
 import numpy as np
 import typer
 
-from pipeline import train_classifier
-from pipeline.artifacts import atomic_outputs, write_json, write_tsv
-from pipeline.classifier import Recipe, load_classifier, save_classifier, train_evaluator
-from pipeline.cli import PipelineError, load_section, params_option, read_params, run_stage
+from pipeline.core.artifacts import atomic_outputs, write_json, write_tsv
+from pipeline.core.cli import PipelineError, params_option, read_keys, run_stage
+from pipeline.core.data import real_images
+from pipeline.evaluation.classifier import Recipe, load_classifier, report, save_classifier, train_evaluator
 
 SECTION = "guide"  # the params.yaml section this stage reads
 RECIPE_SECTION = "classifier"  # ... and the evaluator's recipe, read from its section
@@ -36,15 +36,10 @@ def read_recipe(params: Path, widths: list[int], blocks: list[int]) -> Recipe:
     """The evaluator's recipe from the ``classifier`` section, with the guide's own network widths and blocks.
 
     Raises:
-        PipelineError: the section is missing, has an unknown or mistyped key, or lacks a recipe key.
+        PipelineError: the section lacks a recipe key, or a value has the wrong type.
     """
-    values = load_section(read_params(params), RECIPE_SECTION, [train_classifier.app])
-    missing = [k for k in EXTRA_PARAMS[RECIPE_SECTION] if k not in values]
-    if missing:
-        keys = ", ".join(f"{RECIPE_SECTION}.{k}" for k in missing)
-        raise PipelineError(f"params section '{RECIPE_SECTION}' lacks {keys} (the guide is trained with the "
-                            "evaluator's recipe from it)")
-    return dataclasses.replace(Recipe.from_params(values), widths=tuple(widths), blocks=tuple(blocks))
+    values = read_keys(params, RECIPE_SECTION, Recipe, "train_guide", EXTRA_PARAMS[RECIPE_SECTION])
+    return Recipe.from_params({**values, "widths": widths, "blocks": blocks})
 
 
 def agreement(a: np.ndarray, threshold_a: float, b: np.ndarray, threshold_b: float) -> float:
@@ -64,28 +59,28 @@ def main(
                                  "evaluator."),
     curve: Path = typer.Option(..., help="Output TSV of per-epoch train loss and val AUC."),
     params: Path = params_option(),
-    widths: list[int] = typer.Option([32, 64, 128, 256], help="Channels of the guide's four ResNet stages (the "
+    widths: list[int] = typer.Option(..., help="Channels of the guide's four ResNet stages (the "
                                      "evaluator's are 16-128: another network)."),
-    blocks: list[int] = typer.Option([2, 2, 2, 2], help="Basic residual blocks in each of the four stages."),
-    seed: int = typer.Option(2, help="Seed for weights, batch order and augmentation (the evaluator's is another)."),
+    blocks: list[int] = typer.Option(..., help="Basic residual blocks in each of the four stages."),
+    seed: int = typer.Option(..., help="Seed for weights, batch order and augmentation (the evaluator's is another)."),
 ) -> None:
     """Train the guide; write its model folder, test/val metrics, agreement with the evaluator and a curve."""
     t0 = time.time()
     recipe = read_recipe(params, widths, blocks)
-    splits = {split: train_classifier.load_split(data, split) for split in ("train", "val", "test")}
+    splits = {split: real_images(data, split) for split in ("train", "val", "test")}
     evaluator = load_classifier(classifier)
     if evaluator.size != splits["test"][0].shape[-1]:
         raise PipelineError(f"the evaluator at {classifier} takes {evaluator.size}-px images, the data are "
                             f"{splits['test'][0].shape[-1]} px: retrain it (dvc repro train_classifier)")
     guide, history, threshold = train_evaluator(*splits["train"], *splits["val"], recipe, seed=seed)
-    scores = train_classifier.report(guide, {"test": splits["test"], "val": splits["val"]})
+    scores = report(guide, {"test": splits["test"], "val": splits["val"]})
     for split in ("test", "val"):
         images = splits[split][0]
         scores[f"{split}_agreement_with_evaluator"] = round(agreement(
             guide.predict_proba(images), guide.threshold, evaluator.predict_proba(images), evaluator.threshold), 6)
     best_epoch = max(history, key=lambda r: r["val_auc"])["epoch"]
     with atomic_outputs(out, metrics, curve) as (tmp_out, tmp_metrics, tmp_curve):
-        save_classifier(tmp_out, guide, best_epoch=best_epoch, trained_on="real train split",
+        save_classifier(tmp_out, guide, "train_guide", best_epoch=best_epoch, trained_on="real train split",
                         threshold_rule="Youden's J on val", role="guide of guided counterfactual edits")
         write_tsv(tmp_curve, history)
         write_json(tmp_metrics, {**scores, "threshold": round(threshold, 6), "best_epoch": best_epoch,

@@ -1,8 +1,8 @@
 """Stage ``tune``: Bayesian search (Optuna TPE, seeded, with a pruner) over short trainings of the diffusion U-Net.
 
 Searches the learning rate (log-uniform), the U-Net channels per level, the self-attention levels and the residual
-blocks per level; every other ``ldm`` training key is taken unchanged from params.yaml (see
-:mod:`pipeline.tuning` for why the prediction type, schedule, normalisation and label dropout are not searched). The
+blocks per level; every other ``train_ldm`` key is taken unchanged from params.yaml (see
+:mod:`pipeline.diffusion.tune` for why the prediction type, schedule, normalisation and label dropout are not searched). The
 objective is the validation denoising loss of the EMA weights after ``trial_steps`` steps (the number train_ldm
 reports), minimised. The params.yaml defaults are the study's first trial, so the untuned settings are scored on the
 same objective.
@@ -11,7 +11,7 @@ Storage: an SQLite file in the output folder by default; any SQLAlchemy URL (pos
 ``tune.storage`` or ``$CXR_TUNE_STORAGE`` lets workers on other machines join with ``python -m pipeline.tune_worker``
 while the stage runs. ``workers`` > 1 starts that many local processes on one study.
 
-Writes ``best_params.yaml`` (the ``ldm`` keys train_ldm reads), ``trials.csv``, the study database (default storage),
+Writes ``best_params.yaml`` (the keys train_ldm reads), ``trials.csv``, the study database (default storage),
 ``metrics/tune.json`` and PNG plots of the optimisation history and the parameter importances. With one worker the
 same params and seed give the same trials and the same best parameters (training is deterministic on one machine);
 with several workers, the order in which trials finish (and so what TPE sees) varies, and the result may too.
@@ -23,49 +23,29 @@ import os
 import subprocess
 import sys
 import time
-import warnings
 from pathlib import Path
 
-import matplotlib
+import optuna
+import torch
+import typer
+import yaml
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import optuna  # noqa: E402
-import torch  # noqa: E402
-import typer  # noqa: E402
-import yaml  # noqa: E402
-
-from pipeline import train_ldm  # noqa: E402
-from pipeline.artifacts import atomic_outputs, write_json  # noqa: E402
-from pipeline.cli import PipelineError, params_option, read_keys, run_stage  # noqa: E402
-from pipeline.tuning import (FIXED, SEARCHED, STORAGE_ENV, create_study, ldm_values, open_storage,  # noqa: E402
-                             parse_attention, parse_channels, resolve_storage, run_worker, summary)
+from pipeline.core.artifacts import atomic_outputs, write_json
+from pipeline.core.cli import PipelineError, params_option, read_keys, run_stage
+from pipeline.diffusion.latents import load_train_val
+from pipeline.diffusion.tune import (FIXED, SEARCHED, STORAGE_ENV, TrainingKeys, create_study, ldm_values,
+                                     open_storage, parse_attention, parse_channels, resolve_storage, run_worker,
+                                     summary)
+from pipeline.figures.charts import save_optuna_figure
 
 SECTION = "tune"
-EXTRA_PARAMS = {"ldm": SEARCHED + FIXED}  # the keys of the ldm section this stage reads (the defaults, fixed settings)
+EXTRA_PARAMS = {"train_ldm": SEARCHED + FIXED}  # keys of train_ldm's section this stage reads (defaults, fixed)
 app = typer.Typer(add_completion=False, help=__doc__)
 
 
 def ldm_settings(params: Path) -> dict:
-    """The :data:`EXTRA_PARAMS` keys of the params file's ``ldm`` section, type-checked as train_ldm checks them."""
-    return read_keys(params, "ldm", EXTRA_PARAMS["ldm"], [train_ldm.app], "tune")
-
-
-def _figure(path: Path, draw) -> None:
-    """Save the matplotlib figure of an ``optuna.visualization.matplotlib`` function, or a note saying why not."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        try:
-            ax = draw()
-            fig = ax.figure if hasattr(ax, "figure") else ax.flat[0].figure
-        except (ValueError, RuntimeError) as exc:  # e.g. importances need two complete trials
-            fig, ax = plt.subplots(figsize=(6, 2))
-            ax.axis("off")
-            ax.text(0.5, 0.5, f"not drawn: {exc}", ha="center", va="center", wrap=True, fontsize=9)
-    fig.set_size_inches(7, 4.2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110, format="png")
-    plt.close(fig)
+    """The :data:`EXTRA_PARAMS` keys of the params file's ``train_ldm`` section, type-checked."""
+    return read_keys(params, "train_ldm", TrainingKeys, "tune", EXTRA_PARAMS["train_ldm"])
 
 
 def _spawn_workers(n: int, storage: str, name: str, latents: Path, threads: int) -> list[subprocess.Popen]:
@@ -85,26 +65,26 @@ def main(
     history: Path = typer.Option(..., help="Output PNG: objective per trial and best so far."),
     importance: Path = typer.Option(..., help="Output PNG: parameter importances (fANOVA)."),
     params: Path = params_option(),
-    n_trials: int = typer.Option(12, min=1, help="Budget: trials in the study (all workers together), pruned and "
+    n_trials: int = typer.Option(..., min=1, help="Budget: trials in the study (all workers together), pruned and "
                                  "failed ones included."),
-    timeout_min: float = typer.Option(25.0, min=0.0, help="Budget: no trial starts after this many minutes from the "
+    timeout_min: float = typer.Option(..., min=0.0, help="Budget: no trial starts after this many minutes from the "
                                       "study's start (0 = no limit). Hitting it makes the run depend on speed."),
-    trial_steps: int = typer.Option(300, min=1, help="Optimiser steps of one trial (ldm.batch_size latents each)."),
-    eval_every: int = typer.Option(100, min=1, help="Steps between the validation losses the pruner sees."),
-    lr_range: list[float] = typer.Option([2e-4, 3e-3], help="Learning rate: low and high, log-uniform."),
-    channel_options: list[str] = typer.Option(["32,64,128"], help="U-Net channels per level to choose from, "
+    trial_steps: int = typer.Option(..., min=1, help="Optimiser steps of one trial (ldm.batch_size latents each)."),
+    eval_every: int = typer.Option(..., min=1, help="Steps between the validation losses the pruner sees."),
+    lr_range: list[float] = typer.Option(..., help="Learning rate: low and high, log-uniform."),
+    channel_options: list[str] = typer.Option(..., help="U-Net channels per level to choose from, "
                                               "e.g. '32,64,128' (each divisible by ldm.norm_num_groups)."),
-    attention_options: list[str] = typer.Option(["011"], help="Self-attention per level to choose from, one 0/1 "
+    attention_options: list[str] = typer.Option(..., help="Self-attention per level to choose from, one 0/1 "
                                                 "digit per level, highest resolution first: '011'."),
-    res_block_options: list[int] = typer.Option([2], help="Residual blocks per level to choose from."),
-    startup_trials: int = typer.Option(4, min=0, help="Random trials before TPE models the objective; also the "
+    res_block_options: list[int] = typer.Option(..., help="Residual blocks per level to choose from."),
+    startup_trials: int = typer.Option(..., min=0, help="Random trials before TPE models the objective; also the "
                                        "trials the median pruner waits for."),
-    pruner: str = typer.Option("median", help="median, hyperband or none."),
-    workers: int = typer.Option(1, min=1, help="Local worker processes sharing the study (1 = reproducible)."),
-    storage: str = typer.Option("", help=f"SQLAlchemy URL of the study; empty: SQLite in the output folder. "
+    pruner: str = typer.Option(..., help="median, hyperband or none."),
+    workers: int = typer.Option(..., min=1, help="Local worker processes sharing the study (1 = reproducible)."),
+    storage: str = typer.Option(..., help=f"SQLAlchemy URL of the study; empty: SQLite in the output folder. "
                                 f"${STORAGE_ENV} wins over it."),
-    study_name: str = typer.Option("ldm", help="Study name (must not exist yet in the storage)."),
-    seed: int = typer.Option(0, help="Seed of the TPE sampler (worker i uses seed + i)."),
+    study_name: str = typer.Option(..., help="Study name (must not exist yet in the storage)."),
+    seed: int = typer.Option(..., help="Seed of the TPE sampler (worker i uses seed + i)."),
 ) -> None:
     """Tune the diffusion U-Net's learning rate and architecture on short trainings; write the best parameters."""
     t0 = time.time()
@@ -114,7 +94,7 @@ def main(
     for option in channel_options:
         if any(c % ldm["norm_num_groups"] for c in parse_channels(option)):
             raise PipelineError(f"tune.channel_options entry {option!r}: every width must be divisible by "
-                                f"ldm.norm_num_groups = {ldm['norm_num_groups']}")
+                                f"train_ldm.norm_num_groups = {ldm['norm_num_groups']}")
         bad = [a for a in attention_options if len(parse_attention(a)) != len(parse_channels(option))]
         if bad:
             raise PipelineError(f"tune.attention_options {bad} need one digit per level of {option!r}")
@@ -123,7 +103,7 @@ def main(
     budget = {"n_trials": n_trials, "timeout_min": timeout_min, "trial_steps": trial_steps,
               "eval_every": eval_every, "startup_trials": startup_trials, "pruner": pruner}
     fixed = {k: ldm[k] for k in FIXED} | {"seed": seed}
-    data, _, _ = train_ldm.load_train_val(latents, ldm["latent_norm"])  # fails clearly before a study is created
+    data, _, _ = load_train_val(latents, ldm["latent_norm"])  # fails clearly before a study is created
     with atomic_outputs(out, metrics, history, importance) as (tmp_out, tmp_metrics, tmp_history, tmp_importance):
         tmp_out.mkdir()
         url = resolve_storage(storage, tmp_out / "study.db")
@@ -150,8 +130,8 @@ def main(
              "value": best.value, "trial": best.number, "study": study_name}, sort_keys=False))
         study.trials_dataframe(attrs=("number", "value", "state", "params", "user_attrs", "duration")).to_csv(
             tmp_out / "trials.csv", index=False)
-        _figure(tmp_history, lambda: optuna.visualization.matplotlib.plot_optimization_history(study))
-        _figure(tmp_importance, lambda: optuna.visualization.matplotlib.plot_param_importances(study))
+        save_optuna_figure(tmp_history, lambda: optuna.visualization.matplotlib.plot_optimization_history(study))
+        save_optuna_figure(tmp_importance, lambda: optuna.visualization.matplotlib.plot_param_importances(study))
         write_json(tmp_metrics, {
             "best_val_loss": round(best.value, 6), "best_trial": best.number,
             "defaults_val_loss": None if result["defaults_value"] is None else round(result["defaults_value"], 6),

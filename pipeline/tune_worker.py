@@ -18,8 +18,8 @@ from pathlib import Path
 
 import typer
 
-from pipeline.cli import PipelineError, run_command
-from pipeline.tuning import STORAGE_ENV, open_storage, run_worker
+from pipeline.core.cli import PipelineError, run_command
+from pipeline.diffusion.tune import STORAGE_ENV, open_storage, run_worker
 
 app = typer.Typer(add_completion=False, help=__doc__)
 

@@ -1,6 +1,6 @@
 """Stage ``utility``: are the synthetic images useful for training? Train-on-synthetic, test-on-real, and low-data.
 
-The evaluator's recipe (:func:`pipeline.classifier.train_evaluator`: same network, augmentation, optimiser, EMA, and
+The evaluator's recipe (:func:`pipeline.evaluation.classifier.train_evaluator`: same network, augmentation, optimiser, EMA, and
 the same validation-based selection of the epoch by AUC and of the threshold by Youden's J on the real val split) is
 retrained on:
 
@@ -34,13 +34,13 @@ import numpy as np
 import typer
 from tqdm import tqdm
 
-from pipeline import train_classifier
-from pipeline.artifacts import atomic_outputs, write_json, write_tsv
-from pipeline.classifier import Recipe, binary_metrics, train_evaluator
-from pipeline.cli import PipelineError, load_section, params_option, read_params, run_stage
-from pipeline.data import CLASSES
-from pipeline.low_data import (Regime, curve_rows, epochs_for_budget, plan, save_fraction_plot, stratified_subset,
-                               summarise)
+from pipeline.core.artifacts import atomic_outputs, load_npz, write_json, write_tsv
+from pipeline.core.cli import PipelineError, params_option, read_keys, run_stage
+from pipeline.core.data import CLASSES, real_images
+from pipeline.evaluation.classifier import Recipe, binary_metrics, train_evaluator
+from pipeline.evaluation.utility import (Regime, curve_rows, epochs_for_budget, plan, stratified_subset,
+                                         summarise)
+from pipeline.figures.charts import save_fraction_plot
 
 SECTION = "utility"  # the params.yaml section this stage reads
 RECIPE_SECTION = "classifier"  # ... and the evaluator's recipe, read from its section
@@ -59,27 +59,19 @@ class Budget(str, enum.Enum):
 
 
 def read_recipe(params: Path) -> Recipe:
-    """The evaluator's recipe from the ``classifier`` section, checked as ``train_classifier`` checks it.
+    """The evaluator's recipe from the ``classifier`` section (every key but ``seed``), type-checked.
 
     Raises:
-        PipelineError: the section is missing, has an unknown or mistyped key, or lacks a recipe key.
+        PipelineError: the section lacks a recipe key, or a value has the wrong type.
     """
-    values = load_section(read_params(params), RECIPE_SECTION, [train_classifier.app])
-    missing = [k for k in RECIPE_KEYS if k not in values]
-    if missing:
-        keys = ", ".join(f"{RECIPE_SECTION}.{k}" for k in missing)
-        raise PipelineError(f"params section '{RECIPE_SECTION}' lacks {keys} (the utility stage retrains the "
-                            "evaluator's recipe from it)")
-    return Recipe.from_params(values)
+    return Recipe.from_params(read_keys(params, RECIPE_SECTION, Recipe, "utility"))
 
 
 def load_cohort(samples: Path, train: Split) -> Split:
     """The label-matched synthetic cohort; it must match the real train split's image size and class counts."""
     path = samples / "cohort_matched.npz"
-    if not path.is_file():
-        raise PipelineError(f"{path} not found: run the sample stage first (dvc repro sample)")
-    with np.load(path) as z:
-        images, labels = z["images"], z["labels"].astype(np.int64)
+    z = load_npz(path, ("images", "labels"), "sample")
+    images, labels = z["images"], z["labels"].astype(np.int64)
     counts, real_counts = np.bincount(labels, minlength=2), np.bincount(train[1], minlength=2)
     if images.shape[1:] != train[0].shape[1:] or images.dtype != np.uint8:
         raise PipelineError(f"{path} holds {images.dtype} images of {images.shape[1:]}, the real train split uint8 "
@@ -134,13 +126,13 @@ def main(
     curve: Path = typer.Option(..., help="Output TSV for dvc plots: AUC/accuracy vs real fraction, ± synthetic."),
     figure: Path = typer.Option(..., help="Output PNG: AUC and accuracy vs real fraction, with error bars."),
     params: Path = params_option(),
-    fractions: list[float] = typer.Option([0.1, 0.25, 1.0], help="Shares of the real train split (stratified); "
+    fractions: list[float] = typer.Option(..., help="Shares of the real train split (stratified); "
                                                                  "1.0 is always run."),
-    seeds: list[int] = typer.Option([0, 1, 2], help="One run per seed and regime: real subset, weights, batches."),
-    synthetic_fraction: float = typer.Option(1.0, min=0.0, max=1.0,
+    seeds: list[int] = typer.Option(..., help="One run per seed and regime: real subset, weights, batches."),
+    synthetic_fraction: float = typer.Option(..., min=0.0, max=1.0,
                                              help="Share of the synthetic cohort added to real data (stratified); "
                                                   "syn_only always uses all of it."),
-    budget: Budget = typer.Option(Budget.steps, help="Held fixed across training sets: 'steps' (the evaluator's "
+    budget: Budget = typer.Option(..., help="Held fixed across training sets: 'steps' (the evaluator's "
                                                      "optimiser steps) or 'epochs' (classifier.epochs passes)."),
 ) -> None:
     """Retrain the evaluator recipe (params section classifier, less seed) on real, synthetic and mixed training sets
@@ -154,7 +146,7 @@ def main(
     t0 = time.time()
     check_options(fractions, seeds, synthetic_fraction)
     recipe = read_recipe(params)
-    real, val, test = (train_classifier.load_split(data, split) for split in ("train", "val", "test"))
+    real, val, test = (real_images(data, split) for split in ("train", "val", "test"))
     synthetic = load_cohort(samples, real)
     budget_steps = recipe.epochs * -(-len(real[1]) // recipe.batch_size)
     regimes = plan(fractions)

@@ -20,7 +20,7 @@ _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 if _WORKERS > 1:
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _WORKERS)))
 
-from pipeline.cli import run_stage  # noqa: E402
+from pipeline.core.cli import run_stage  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "tests" / "params_tiny.yaml"
@@ -73,7 +73,7 @@ def run(module: str, args: Sequence[str]) -> int:
     mod = __import__(f"pipeline.{module}", fromlist=["app"])
     sys.argv = [f"{module}.py", *map(str, args)]
     try:
-        run_stage(mod.app, mod.SECTION, getattr(mod, "SIBLINGS", ()), argv=list(map(str, args)))
+        run_stage(mod.app, mod.SECTION, argv=list(map(str, args)))
     except SystemExit as exc:
         return int(exc.code or 0)
     return 0
@@ -129,7 +129,7 @@ def pipeline_run(tmp_path_factory: pytest.TempPathFactory, medmnist_root: Path) 
         ("sample", ["--ldm", ws / "models/ldm", "--autoencoder", ws / "models/autoencoder", "--latents",
                     ws / "data/latents", "--out", ws / "data/samples", "--metrics", ws / "metrics/sample.json",
                     "--grid", ws / "metrics/plots/samples.png"]),
-        ("compute_fid", ["--samples", ws / "data/samples", "--fid-ref", ws / "data/fid_ref",
+        ("fid", ["--samples", ws / "data/samples", "--fid-ref", ws / "data/fid_ref",
                          "--data", ws / "data/prepared", "--classifier", ws / "models/classifier",
                          "--metrics", ws / "metrics/fid.json", "--features", ws / "data/sample_features.npz"]),
         ("privacy", ["--samples", ws / "data/samples", "--features", ws / "data/sample_features.npz",
@@ -145,13 +145,16 @@ def pipeline_run(tmp_path_factory: pytest.TempPathFactory, medmnist_root: Path) 
                             "--grid", ws / "metrics/plots/guidance_sweep_samples.png"]),
         ("counterfactual", ["--data", ws / "data/prepared", "--ldm", ws / "models/ldm",
                             "--autoencoder", ws / "models/autoencoder", "--classifier", ws / "models/classifier",
-                            "--guide", ws / "models/guide", "--cohort-settings", ws / "data/samples/settings.json",
-                            "--out", ws / "data/counterfactuals.npz",
+                            "--guide", ws / "models/guide", "--out", ws / "data/counterfactuals.npz",
                             "--metrics", ws / "metrics/counterfactual.json",
                             "--curve", ws / "metrics/plots/counterfactual_sweep.tsv",
                             "--figure", ws / "metrics/plots/counterfactual_sweep.png",
                             "--frontier", ws / "metrics/plots/counterfactual_frontier.png",
                             "--panels", ws / "metrics/plots/counterfactual_panels.png"]),
+        ("counterfactual_baseline", ["--edits", ws / "data/counterfactuals.npz", "--ldm", ws / "models/ldm",
+                                     "--autoencoder", ws / "models/autoencoder", "--classifier", ws / "models/classifier",
+                                     "--cohort-settings", ws / "data/samples/settings.json",
+                                     "--metrics", ws / "metrics/counterfactual_baseline.json"]),
         ("sampling_speed", ["--ldm", ws / "models/ldm", "--autoencoder", ws / "models/autoencoder",
                             "--samples", ws / "data/samples", "--metrics", ws / "metrics/sampling_speed.json"]),
     ]

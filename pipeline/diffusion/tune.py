@@ -1,12 +1,12 @@
 """Optuna search over short trainings of the latent diffusion U-Net, shared by the ``tune`` stage and the
-``tune_worker`` command.
+``tune_worker`` command (a worker that joins the stage's study).
 
 A study holds everything a worker needs in its user attributes (search space, fixed training settings, budget and
 start time), so a worker on another machine only needs the storage URL, the study name and the latents folder; it can
 never search a different space than the stage that created the study.
 
 Objective: the validation denoising loss of the EMA weights after ``trial_steps`` optimiser steps, on the whole val
-split with fixed noise and timesteps (:func:`pipeline.train_ldm.validation_loss`, the number ``train_ldm`` reports).
+split with fixed noise and timesteps (:func:`pipeline.diffusion.training.validation_loss`, the number ``train_ldm`` reports).
 Trials warm the learning rate up over min(``ldm.warmup_steps``, a tenth of their steps), then decay it (cosine) to 0
 at their last step, as a full training does over its length. The objective is deterministic, costs one forward pass
 over 524 latents, and is comparable between trials because the prediction type, noise schedule, latent normalisation
@@ -20,33 +20,62 @@ import os
 import socket
 import sys
 import time
+import typing
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import optuna
 import sqlalchemy
 import torch
+import yaml
 from monai.networks.nets import DiffusionModelUNet
 
-from pipeline.artifacts import seed_all
-from pipeline.cli import PipelineError
-from pipeline.diffusion import make_ddpm, scheduler_args, unet_args
-from pipeline.models import pick_device
-from pipeline.train_ldm import NonFiniteLoss, fit, load_train_val
+from pipeline.core.artifacts import seed_all
+from pipeline.core.cli import PipelineError, check_keys, check_value
+from pipeline.core.runtime import pick_device
+from pipeline.diffusion.latents import load_train_val
+from pipeline.diffusion.networks import unet_args
+from pipeline.diffusion.schedule import make_ddpm, scheduler_args
+from pipeline.diffusion.training import NonFiniteLoss, fit
 
-__all__ = ["STORAGE_ENV", "SEARCHED", "FIXED", "resolve_storage", "open_storage", "parse_channels", "ldm_values",
-           "parse_attention", "make_sampler", "make_pruner", "suggest", "create_study", "run_worker", "summary"]
+__all__ = ["STORAGE_ENV", "SEARCHED", "FIXED", "TrainingKeys", "resolve_storage", "open_storage", "parse_channels",
+           "ldm_values", "parse_attention", "make_sampler", "make_pruner", "suggest", "create_study", "run_worker",
+           "summary", "read_tuned"]
 
 STORAGE_ENV = "CXR_TUNE_STORAGE"
 """Environment variable holding a SQLAlchemy URL; it wins over ``tune.storage``."""
 
+@dataclass(frozen=True)
+class TrainingKeys:
+    """The keys of the ``train_ldm`` params section a study reads, with their types (the train_ldm stage's options;
+    tests/test_contract.py checks that they agree)."""
+
+    lr: float
+    channels: list[int]
+    attention_levels: list[bool]
+    num_res_blocks: int
+    num_head_channels: int
+    norm_num_groups: int
+    num_train_timesteps: int
+    schedule: str
+    prediction_type: str
+    latent_norm: str
+    label_dropout: float
+    min_snr_gamma: float
+    ema_decay: float
+    batch_size: int
+    warmup_steps: int
+    grad_clip: float
+
+
 SEARCHED = ("lr", "channels", "attention_levels", "num_res_blocks")
-"""The ``ldm`` keys a study searches (and that ``best_params.yaml`` sets for train_ldm)."""
+"""The ``train_ldm`` keys a study searches (and that ``best_params.yaml`` sets for train_ldm)."""
 
 FIXED = ("num_head_channels", "norm_num_groups", "num_train_timesteps", "schedule", "prediction_type", "latent_norm",
          "label_dropout", "min_snr_gamma", "ema_decay", "batch_size", "warmup_steps", "grad_clip")
-"""The ``ldm`` keys every trial takes from params.yaml unchanged (the trials' seed is ``tune.seed``)."""
+"""The ``train_ldm`` keys every trial takes from params.yaml unchanged (the trials' seed is ``tune.seed``)."""
 
 FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL)
 
@@ -230,7 +259,8 @@ def run_worker(storage: optuna.storages.BaseStorage, name: str, latents: Path, i
         index: this worker's index; its sampler is seeded with ``seed + index`` so that workers do not draw the same
             random start-up trials.
         progress: show a progress bar per trial.
-        data: the train/val latents already loaded (:func:`pipeline.train_ldm.load_train_val`), else read here.
+        data: the train/val latents already loaded (:func:`pipeline.diffusion.latents.load_train_val`), else read
+            here.
 
     Returns:
         the numbers of the trials this worker ran.
@@ -275,3 +305,25 @@ def summary(study: optuna.Study) -> dict[str, Any]:
     return {"best": min(complete, key=lambda t: t.value) if complete else None,
             "n_complete": count[FINISHED[0]], "n_pruned": count[FINISHED[1]], "n_failed": count[FINISHED[2]],
             "defaults_value": defaults[0].value if defaults and defaults[0].state == FINISHED[0] else None}
+
+
+def read_tuned(path: Path | None, use_tuned: bool) -> dict[str, Any]:
+    """The :data:`SEARCHED` keys of the tune stage's ``best_params.yaml`` (type-checked), or {} when not used.
+
+    Raises:
+        PipelineError: ``use_tuned`` is on but the file is missing, or it holds an unknown key or a wrong type.
+    """
+    if not use_tuned or path is None:
+        return {}
+    if not path.is_file():
+        raise PipelineError(f"tuned-parameters file {path} not found: run the tune stage (dvc repro tune), or set "
+                            "train_ldm.use_tuned: false to train with params.yaml alone")
+    tuned = (yaml.safe_load(path.read_text()) or {}).get("ldm") or {}
+    types = typing.get_type_hints(TrainingKeys)
+    try:
+        check_keys("ldm", tuned, SEARCHED)
+        for key, value in tuned.items():
+            check_value(f"ldm.{key}", value, types[key])
+    except PipelineError as exc:
+        raise PipelineError(f"{path}: {exc}") from None
+    return tuned

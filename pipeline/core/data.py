@@ -9,6 +9,7 @@ Data: Yang et al., "MedMNIST v2", Scientific Data 2023 (CC BY 4.0), from Kermany
 
 from __future__ import annotations
 
+import enum
 import hashlib
 import json
 import os
@@ -18,15 +19,25 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.cli import PipelineError
+from pipeline.core.artifacts import load_npz
+from pipeline.core.cli import PipelineError
 
-__all__ = ["SIZES", "SPLITS", "CLASSES", "data_root", "npz_filename", "expected_file", "ensure_npz", "load_medmnist",
-           "pad_amounts", "pad_images", "load_prepared", "crop", "read_meta", "to_uint8"]
+__all__ = ["SIZES", "SPLITS", "CLASSES", "Label", "data_root", "npz_filename", "expected_file", "ensure_npz", "load_medmnist",
+           "pad_amounts", "pad_images", "load_prepared", "real_images", "crop", "read_meta", "to_uint8"]
 
 SIZES = (28, 64, 128, 224)
 SPLITS = ("train", "val", "test")
 CLASSES = ("normal", "pneumonia")
 FLAG = "pneumoniamnist"
+
+
+class Label(str, enum.Enum):
+    """A clinical status, as a command-line choice (its index in :data:`CLASSES` is the label)."""
+
+    normal = "normal"
+    pneumonia = "pneumonia"
+
+
 ROOT_ENV = "MEDMNIST_ROOT"
 
 
@@ -125,17 +136,22 @@ def pad_images(images: np.ndarray, multiple: int) -> tuple[np.ndarray, tuple[int
 
 def read_meta(prepared: Path) -> dict[str, Any]:
     """The ``meta.json`` of a prepared data folder."""
-    return json.loads((prepared / "meta.json").read_text())
+    path = prepared / "meta.json"
+    if not path.is_file():
+        raise PipelineError(f"{path} not found: run the prepare stage first (dvc repro prepare, or dvc pull)")
+    return json.loads(path.read_text())
 
 
 def load_prepared(prepared: Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Load a prepared split: float32 images N×1×P×P in [0, 1] and int64 labels N."""
-    path = prepared / f"{split}.npz"
-    if not path.is_file():
-        raise PipelineError(f"{path} not found: run the prepare stage first (dvc repro prepare)")
-    with np.load(path) as z:
-        images, labels = z["images"], z["labels"]
-    return torch.from_numpy(images).float().div_(255.0), torch.from_numpy(labels).long()
+    z = load_npz(prepared / f"{split}.npz", ("images", "labels"), "prepare")
+    return torch.from_numpy(z["images"]).float().div_(255.0), torch.from_numpy(z["labels"]).long()
+
+
+def real_images(prepared: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """Unpadded images of a prepared split as uint8 N×H×W (0 = black, at the data size) and int64 labels N."""
+    x, y = load_prepared(prepared, split)
+    return to_uint8(crop(x[:, 0], read_meta(prepared)["pad"])), y.numpy()
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:

@@ -7,9 +7,9 @@ the command line still wins. Paths are passed by ``dvc.yaml`` only.
 
 from __future__ import annotations
 
-import ctypes
+import dataclasses
+import difflib
 import enum
-import importlib
 import sys
 import types
 import typing
@@ -19,8 +19,8 @@ from typing import Any, Callable, Sequence
 import typer
 import yaml
 
-__all__ = ["PipelineError", "PARAMS_OPTION", "stage_options", "load_section", "read_keys", "keep_freed_memory",
-           "run_stage", "run_command"]
+__all__ = ["PipelineError", "PARAMS_OPTION", "stage_options", "read_params", "load_section", "check_keys",
+           "closest_key", "check_value", "read_keys", "run_stage", "run_command", "params_option"]
 
 PARAMS_OPTION = "params"
 """Name of the option every stage has that points at the params file."""
@@ -80,7 +80,8 @@ def _type_name(hint: Any) -> str:
     return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(hint, str(hint))
 
 
-def _check_value(key: str, value: Any, hint: Any) -> None:
+def check_value(key: str, value: Any, hint: Any) -> None:
+    """Raise a :class:`PipelineError` naming ``key`` unless ``value`` has exactly the type ``hint``."""
     hint, optional = _unwrap_optional(hint)
     if value is None and optional:
         return
@@ -126,14 +127,37 @@ def load_section(params: dict[str, Any], section: str, apps: Sequence[typer.Type
     known: dict[str, Any] = {}
     for app in reversed(apps):
         known.update(stage_options(app))
+    check_keys(section, values, known)
+    for key, value in values.items():
+        check_value(f"{section}.{key}", value, known[key])
+    own = stage_options(apps[0])
+    missing = sorted(set(own) - set(values))
+    if missing:
+        raise PipelineError(f"params key(s) {', '.join(f'{section}.{k}' for k in missing)} missing from the params "
+                            "file (every key of a stage's section is set there; see the stage's --help)")
+    return {k: v for k, v in values.items() if k in own}
+
+
+def closest_key(key: str, known: Sequence[str]) -> str | None:
+    """The known key most like ``key`` (a likely misspelling), or None when none is close."""
+    match = difflib.get_close_matches(key, list(known), n=1, cutoff=0.6)
+    return match[0] if match else None
+
+
+def check_keys(section: str, values: dict[str, Any], known: Sequence[str]) -> None:
+    """Raise on a key of ``section`` that no stage reads, naming the closest known key.
+
+    Raises:
+        PipelineError: ``values`` holds a key that is not in ``known``.
+    """
     unknown = sorted(set(values) - set(known))
     if unknown:
-        raise PipelineError(f"unknown params key(s) {', '.join(f'{section}.{k}' for k in unknown)}; "
-                            f"known keys: {', '.join(sorted(known))}")
-    for key, value in values.items():
-        _check_value(f"{section}.{key}", value, known[key])
-    own = stage_options(apps[0])
-    return {k: v for k, v in values.items() if k in own}
+        hints = []
+        for k in unknown:
+            near = closest_key(k, known)
+            hints.append(f"'{section}.{k}'" + (f" (did you mean '{section}.{near}'?)" if near else ""))
+        raise PipelineError(f"unknown params key(s) {', '.join(hints)}; known keys of '{section}': "
+                            f"{', '.join(sorted(known))}")
 
 
 def _params_path(argv: Sequence[str]) -> Path:
@@ -146,80 +170,76 @@ def _params_path(argv: Sequence[str]) -> Path:
     return Path("params.yaml")
 
 
-def read_keys(params: Path, section: str, keys: Sequence[str], apps: Sequence[typer.Typer],
-              reader: str) -> dict[str, Any]:
-    """Some keys of another stage's section (a stage's ``EXTRA_PARAMS``), type-checked as that stage checks them.
+def read_keys(params: Path, section: str, schema: type, reader: str,
+              keys: Sequence[str] | None = None) -> dict[str, Any]:
+    """Keys of another stage's section (a stage's ``EXTRA_PARAMS``), type-checked against a typed dataclass.
 
     Args:
         params: the params file.
         section: the other stage's section, e.g. ``"ldm"``.
-        keys: the keys wanted; each must be there (no silent default for a key another stage owns).
-        apps: the Typer apps of the stages that own ``section`` (their options give the types).
+        schema: a dataclass whose field annotations give each key's type (e.g. the evaluator's ``Recipe``).
         reader: the stage that reads them, named in the error.
+        keys: the keys wanted (default: every field of ``schema``); each must be there (no silent default for a
+            key another stage owns).
 
     Raises:
         PipelineError: the section lacks a key, or a value has the wrong type.
     """
+    hints = typing.get_type_hints(schema)
+    keys = [f.name for f in dataclasses.fields(schema)] if keys is None else list(keys)
     values = read_params(params).get(section) or {}
     missing = [f"{section}.{k}" for k in keys if k not in values]
     if missing:
         raise PipelineError(f"params section '{section}' lacks {', '.join(missing)} (the {reader} stage reads them)")
-    return load_section({section: {k: values[k] for k in keys}}, section, apps)
+    for key in keys:
+        check_value(f"{section}.{key}", values[key], hints[key])
+    return {k: values[k] for k in keys}
 
 
-def keep_freed_memory() -> bool:
-    """Stop glibc's malloc from handing large freed blocks back to the kernel (Linux only; elsewhere a no-op).
-
-    By default every block over 32 MiB (an Inception batch of 50 images at 299 px is 54 MB) is mmap-ed and unmapped
-    again, so each batch pays for fresh zeroed pages: 30 % of the ``fid_ref`` stage's CPU time went to the kernel.
-    Keeping freed memory in the heap (``M_MMAP_MAX`` 0, trim threshold 1 GiB) cut that to 6 % and sped Inception up
-    by 30 % on 2 cores; results are bit-identical (only where memory comes from changes).
-
-    Returns:
-        True when the settings were applied.
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return False
-    m_trim_threshold, m_top_pad, m_mmap_max = -1, -2, -4
-    return all(libc.mallopt(opt, val) == 1 for opt, val in
-               ((m_mmap_max, 0), (m_trim_threshold, 1 << 30), (m_top_pad, 256 << 20)))
+def _default_map(app: typer.Typer, section: str | None, argv: Sequence[str], strict: bool) -> dict[str, Any]:
+    """The command's option values from its params section: every option a key of the section sets."""
+    path = _params_path(argv)
+    if section is None or (not strict and not path.is_file()):
+        return {}
+    params = read_params(path)
+    if strict:
+        return load_section(params, section, [app])
+    values = params.get(section) or {}
+    own = stage_options(app)
+    return {k: v for k, v in values.items() if k in own}
 
 
-def run_stage(app: typer.Typer, section: str | None, siblings: Sequence[str] = (),
-              argv: Sequence[str] | None = None) -> None:
-    """Entry point of a stage: load and check its params section, then run its command with them as defaults.
+def _run(app: typer.Typer, section: str | None, argv: Sequence[str], strict: bool) -> None:
+    from pipeline.core.runtime import prepare_process  # runtime imports torch; cli stays light
 
-    Args:
-        app: the stage's Typer app.
-        section: its params section, or None for a stage without hyperparameters.
-        siblings: modules (``"pipeline.sample"``) of other stages reading the same section, for the unknown-key check.
-        argv: command-line arguments (default ``sys.argv[1:]``).
-    """
-    keep_freed_memory()
-    argv = list(sys.argv[1:] if argv is None else argv)
+    prepare_process()
     prog = f"python -m pipeline.{Path(sys.argv[0]).stem}"
     try:
-        default_map: dict[str, Any] = {}
-        if section is not None and not any(a in ("--help", "-h") for a in argv):
-            apps = [app] + [importlib.import_module(m).app for m in siblings]
-            default_map = load_section(read_params(_params_path(argv)), section, apps)
-        app(args=argv, default_map=default_map, prog_name=prog)
+        app(args=list(argv), default_map=_default_map(app, section, argv, strict), prog_name=prog)
     except PipelineError as exc:
         typer.echo(f"error: {exc}", err=True)
         sys.exit(exc.exit_code)
 
 
-def run_command(app: typer.Typer) -> None:
-    """Entry point of a user command outside DVC (``python -m pipeline.generate``...): a :class:`PipelineError`
-    prints one ``error:`` line on stderr, without a traceback, and exits with its status."""
-    keep_freed_memory()
-    try:
-        app()
-    except PipelineError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise SystemExit(exc.exit_code) from None
+def run_stage(app: typer.Typer, section: str | None, argv: Sequence[str] | None = None) -> None:
+    """Entry point of a stage: load and check its params section, then run its command with the section's values as
+    the options' defaults (so ``--help`` shows them; a flag on the command line still wins).
+
+    Args:
+        app: the stage's Typer app.
+        section: its params section (it alone owns every key there), or None for a stage without hyperparameters.
+        argv: command-line arguments (default ``sys.argv[1:]``).
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    strict = not any(a in ("--help", "-h") for a in argv) or _params_path(argv).is_file()
+    _run(app, section, argv, strict)
+
+
+def run_command(app: typer.Typer, section: str | None = None, argv: Sequence[str] | None = None) -> None:
+    """Entry point of a user command outside DVC (``python -m pipeline.generate``...): its options that share a name
+    with a key of ``section`` take their defaults from params.yaml (``--params``) when the file is there; a
+    :class:`PipelineError` prints one ``error:`` line on stderr, without a traceback, and exits with its status."""
+    _run(app, section, list(sys.argv[1:] if argv is None else argv), strict=False)
 
 
 def params_option() -> Any:

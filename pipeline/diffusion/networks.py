@@ -1,24 +1,20 @@
-"""Model construction and batched inference helpers shared by the stages (MONAI core networks only)."""
+"""The generative networks (MONAI core): the autoencoder and the diffusion U-Net, their constructor arguments, and
+batched inference helpers."""
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from monai.networks.nets import AutoencoderKL, DiffusionModelUNet, PatchDiscriminator
 
-__all__ = ["REGISTRY", "pick_device", "autoencoder_args", "kl_loss", "batched", "encode_mean", "reconstruct"]
+__all__ = ["REGISTRY", "autoencoder_args", "unet_args", "kl_loss", "batched", "encode_mean", "reconstruct"]
 
 REGISTRY: dict[str, type[torch.nn.Module]] = {
     "AutoencoderKL": AutoencoderKL,
     "DiffusionModelUNet": DiffusionModelUNet,
     "PatchDiscriminator": PatchDiscriminator,
 }
-
-
-def pick_device() -> torch.device:
-    """CUDA when available, else CPU."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def autoencoder_args(channels: list[int], latent_channels: int, num_res_blocks: int,
@@ -33,6 +29,19 @@ def autoencoder_args(channels: list[int], latent_channels: int, num_res_blocks: 
         "latent_channels": latent_channels, "num_res_blocks": num_res_blocks,
         "attention_levels": [False] * len(channels), "norm_num_groups": norm_num_groups,
         "with_encoder_nonlocal_attn": False, "with_decoder_nonlocal_attn": False,
+    }
+
+
+def unet_args(latent_channels: int, channels: list[int], attention_levels: list[bool], num_res_blocks: int,
+              num_head_channels: int, norm_num_groups: int) -> dict[str, Any]:
+    """Constructor arguments of a 2-D class-conditional :class:`DiffusionModelUNet` (keys are MONAI's names)."""
+    if len(attention_levels) != len(channels):
+        raise ValueError(f"attention_levels ({len(attention_levels)}) must have one entry per level "
+                         f"of channels ({len(channels)})")
+    return {
+        "spatial_dims": 2, "in_channels": latent_channels, "out_channels": latent_channels,
+        "channels": list(channels), "attention_levels": list(attention_levels), "num_res_blocks": num_res_blocks,
+        "num_head_channels": num_head_channels, "norm_num_groups": norm_num_groups, "num_class_embeds": 3,
     }
 
 

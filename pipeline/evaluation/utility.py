@@ -1,22 +1,16 @@
-"""Helpers of the ``utility`` stage: stratified subsets, the run plan and its training budget, seed statistics, the
-metrics file and the figure. Pure functions of arrays and numbers; the stage file does the I/O and the training."""
+"""Train-on-synthetic and low-data utility: stratified subsets, the run plan and its training budget, seed
+statistics and the metrics. Pure functions of arrays and numbers; the ``utility`` stage does the I/O and the
+training."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Sequence
 
-import matplotlib
 import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from pipeline.plots import finish_figure  # noqa: E402
-
 __all__ = ["Regime", "plan", "stratified_subset", "epochs_for_budget", "mean_std", "summarise", "curve_rows",
-           "save_fraction_plot", "SYNTHETIC_ONLY"]
+           "SYNTHETIC_ONLY"]
 
 SYNTHETIC_ONLY = "syn_only"
 
@@ -133,33 +127,3 @@ def curve_rows(summary: dict[str, float], fractions: Sequence[float]) -> list[di
                 row[f"{short}_{label}_std"] = summary[f"{name}_{m}_std"]
         rows.append(row)
     return rows
-
-
-def save_fraction_plot(path: Path, rows: list[dict[str, float]], synthetic_only: dict[str, tuple[float, float]],
-                       title: str) -> None:
-    """Test AUC and accuracy against the real fraction (log axis), without and with synthetic images (error bars:
-    std over seeds), the synthetic-only result as a dashed line with its ±std band.
-
-    Args:
-        path: output PNG.
-        rows: :func:`curve_rows`.
-        synthetic_only: ``{"auc": (mean, std), "acc": (mean, std)}``.
-        title: figure title.
-    """
-    x = [r["real_fraction"] for r in rows]
-    fig, axes = plt.subplots(1, 2, figsize=(9.0, 3.6))
-    for ax, (key, label) in zip(axes, (("auc", "test AUC"), ("acc", "test accuracy"))):
-        for series, name in (("real", "real only"), ("real_synthetic", "real + synthetic")):
-            ax.errorbar(x, [r[f"{key}_{series}"] for r in rows], yerr=[r[f"{key}_{series}_std"] for r in rows],
-                        marker="o", capsize=4, label=name)
-        mean, std = synthetic_only[key]
-        ax.axhline(mean, color="grey", ls="--", lw=1, label="synthetic only")
-        ax.axhspan(mean - std, mean + std, color="grey", alpha=0.15, lw=0)
-        ax.set_xscale("log")
-        ax.set_xticks(x, [f"{100 * f:g} %" for f in x])
-        ax.minorticks_off()
-        ax.set_xlabel("share of the real train split")
-        ax.set_ylabel(label)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    finish_figure(fig, path, title)

@@ -30,14 +30,16 @@ from scipy.special import expit
 from scipy.stats import rankdata
 from tqdm import tqdm
 
-from pipeline.artifacts import load_model, load_model_config, save_model
-from pipeline.cli import PipelineError
+from pipeline.core.artifacts import load_model, load_model_config, save_model
+from pipeline.core.cli import PipelineError
+from pipeline.core.runtime import pick_device
 
 __all__ = [
     "REGISTRY",
     "Evaluator",
     "Recipe",
     "binary_metrics",
+    "report",
     "choose_threshold",
     "load_classifier",
     "resnet_args",
@@ -51,15 +53,10 @@ CLASS_NAME = "ResNet"
 INFERENCE_BATCH = 512
 
 
-def _default_device() -> torch.device:
-    """CUDA when available, else CPU (as ``pipeline.models.pick_device``; not imported, so that stages using the
-    evaluator do not depend on the generative models' module)."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 @dataclass(frozen=True)
 class Recipe:
-    """Hyperparameters of the evaluator's training recipe (the keys of the ``classifier`` params section, less seed).
+    """Hyperparameters of the evaluator's training recipe (the keys of the ``classifier`` params section, less seed;
+    every field required: the values come from params.yaml).
 
     A stage that retrains the evaluator on other data (e.g. synthetic images) builds the same ``Recipe`` from the same
     section, so every run has the same network, budget and validation-based selection.
@@ -81,27 +78,26 @@ class Recipe:
         ema_decay: decay of the weight average that is evaluated and saved; 0 uses the raw weights.
     """
 
-    widths: tuple[int, ...] = (16, 32, 64, 128)
-    blocks: tuple[int, ...] = (1, 1, 1, 1)
-    input_size: int = 28
-    epochs: int = 20
-    batch_size: int = 64
-    lr: float = 2e-3
-    weight_decay: float = 0.05
-    label_smoothing: float = 0.1
-    class_balance: bool = True
-    rotation: float = 10.0
-    translation: float = 0.08
-    scale: float = 0.1
-    intensity: float = 0.1
-    ema_decay: float = 0.99
+    widths: list[int]
+    blocks: list[int]
+    input_size: int
+    epochs: int
+    batch_size: int
+    lr: float
+    weight_decay: float
+    label_smoothing: float
+    class_balance: bool
+    rotation: float
+    translation: float
+    scale: float
+    intensity: float
+    ema_decay: float
 
     @classmethod
     def from_params(cls, values: dict[str, Any]) -> Recipe:
         """A recipe from a params section (unknown keys, such as ``seed``, are ignored)."""
         names = {f.name for f in dataclasses.fields(cls)}
-        kw = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items() if k in names}
-        return cls(**kw)
+        return cls(**{k: list(v) if isinstance(v, (list, tuple)) else v for k, v in values.items() if k in names})
 
 
 def resnet_args(widths: tuple[int, ...] | list[int], blocks: tuple[int, ...] | list[int]) -> dict[str, Any]:
@@ -147,7 +143,7 @@ class Evaluator:
 
     def __init__(self, net: torch.nn.Module, args: dict[str, Any], *, threshold: float, size: int, input_size: int,
                  mean: float, std: float, device: torch.device | None = None) -> None:
-        self.device = device or _default_device()
+        self.device = device or pick_device()
         self.net, self.args = net.to(self.device).eval(), dict(args)
         self.threshold, self.size, self.input_size = float(threshold), int(size), int(input_size)
         self.mean, self.std = float(mean), float(std)
@@ -228,6 +224,16 @@ def binary_metrics(prob: np.ndarray, labels: np.ndarray, threshold: float) -> di
     pos = labels == 1
     return {"auc": roc_auc(prob, labels), "accuracy": float((pred == pos).mean()),
             "sensitivity": float(pred[pos].mean()), "specificity": float((~pred[~pos]).mean())}
+
+
+def report(evaluator: "Evaluator", splits: dict[str, tuple[np.ndarray, np.ndarray]]) -> dict[str, float]:
+    """``<split>_<metric>`` (:func:`binary_metrics`) for every split at the evaluator's threshold, rounded for a
+    metrics file."""
+    out: dict[str, float] = {}
+    for split, (images, labels) in splits.items():
+        for key, value in binary_metrics(evaluator.predict_proba(images), labels, evaluator.threshold).items():
+            out[f"{split}_{key}"] = round(value, 6)
+    return out
 
 
 def choose_threshold(prob: np.ndarray, labels: np.ndarray) -> float:
@@ -338,7 +344,7 @@ def train_evaluator(train_images: np.ndarray, train_labels: np.ndarray, val_imag
     _check_images(train_images)
     _check_images(val_images, train_images.shape[1])
     _check_binary(np.zeros(len(val_labels)), val_labels)
-    device = device or _default_device()
+    device = device or pick_device()
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     size = train_images.shape[1]
@@ -372,10 +378,10 @@ def train_evaluator(train_images: np.ndarray, train_labels: np.ndarray, val_imag
 # --- model folder ------------------------------------------------------------------------------------------------
 
 
-def save_classifier(folder: Path, evaluator: Evaluator, **extra: Any) -> None:
-    """Save the evaluator as a model folder: ResNet weights + ``config.json`` with its constructor args, threshold,
-    image size, input size and normalisation (and ``extra``)."""
-    save_model(folder, evaluator.net, CLASS_NAME, evaluator.args, threshold=evaluator.threshold, size=evaluator.size,
+def save_classifier(folder: Path, evaluator: Evaluator, stage: str, **extra: Any) -> None:
+    """Save the evaluator as a model folder: ResNet weights + ``config.json`` with its constructor args, the stage
+    that trained it, threshold, image size, input size and normalisation (and ``extra``)."""
+    save_model(folder, evaluator.net, CLASS_NAME, evaluator.args, stage, threshold=evaluator.threshold, size=evaluator.size,
                input_size=evaluator.input_size, normalisation={"mean": evaluator.mean, "std": evaluator.std},
                input="uint8 N×H×W at `size`, unpadded, 0 = black; x/255 -> bilinear resize to input_size -> "
                      "(x - mean) / std", output="one logit; sigmoid = P(pneumonia)", **extra)

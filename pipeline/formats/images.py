@@ -1,7 +1,7 @@
 """One user image in and its edit out, for ``python -m pipeline.edit``: PNG or DICOM, at the source's own geometry.
 
 Reading: a PNG (or any image Pillow reads) becomes grey levels in [0, 1] (8-bit / 255, 16-bit / 65535, colour
-converted to grey); a DICOM goes through the grayscale pipeline of :mod:`pipeline.external` (Modality LUT, VOI LUT or
+converted to grey); a DICOM goes through the grayscale pipeline of :mod:`pipeline.formats.external` (Modality LUT, VOI LUT or
 window, MONOCHROME1 inverted, flipped into the usual chest view by its Patient Orientation) and is scaled to [0, 1]
 by its minimum and maximum. The model sees the centre square resized to the data size, as MedMNIST made the data.
 
@@ -26,9 +26,9 @@ from pydicom.dataset import Dataset
 from pydicom.misc import is_dicom
 from pydicom.uid import generate_uid
 
-from pipeline.cli import PipelineError
-from pipeline.dicom import secondary_capture
-from pipeline.external import SkipFile, center_square, display_image, normalise, orient, resize, to_uint8
+from pipeline.core.cli import PipelineError
+from pipeline.formats.dicom import secondary_capture
+from pipeline.formats.external import SkipFile, center_square, display_image, normalise, orient, resize, to_uint8
 
 __all__ = ["SourceImage", "read_image", "model_view", "apply_change", "write_png", "derived_dicom"]
 
@@ -114,7 +114,7 @@ def apply_change(pixels: np.ndarray, source: np.ndarray, edit: np.ndarray) -> np
 
 
 def unflip(image: np.ndarray, flips: tuple[bool, bool]) -> np.ndarray:
-    """Undo the flips of :func:`pipeline.external.orient` (back to the stored orientation)."""
+    """Undo the flips of :func:`pipeline.formats.external.orient` (back to the stored orientation)."""
     lr, ud = flips
     image = image[::-1, :] if ud else image
     return np.ascontiguousarray(image[:, ::-1] if lr else image)

@@ -39,14 +39,15 @@ the brightness of the lung fields. It is a filter of the change map in image spa
 blended-diffusion edits paste the source back outside their mask (Avrahami et al., CVPR 2022), here by spatial
 frequency instead of by region.
 
-Clamping: when the sampler clamps the predicted clean latent (``clip_denoised``, see :mod:`pipeline.diffusion`), only
-the denoising clamps; the inversion never does, since clamping would change a real latent before any edit.
+Clamping: when the sampler clamps the predicted clean latent (``clip_denoised``, see
+:mod:`pipeline.diffusion.schedule`), only the denoising clamps; the inversion never does, since clamping would change
+a real latent before any edit.
 """
 
 from __future__ import annotations
 
 import copy
-from dataclasses import MISSING, dataclass, fields, replace
+from dataclasses import dataclass, replace
 from enum import Enum
 
 import numpy as np
@@ -55,26 +56,20 @@ import torch.nn.functional as F
 import typer
 from monai.networks.schedulers import DDIMScheduler
 from scipy.ndimage import gaussian_filter
-from torchmetrics.functional.image import structural_similarity_index_measure
 from tqdm import tqdm
 
-from pipeline.classifier import Evaluator
-from pipeline.cli import PipelineError
-from pipeline.diffusion import NULL_CLASS
-from pipeline.sample import Sampler
+from pipeline.core.cli import PipelineError
+from pipeline.diffusion.guidance import NULL_CLASS, guided_output
+from pipeline.diffusion.sampler import Sampler, ddim_denoise
+from pipeline.evaluation.classifier import Evaluator
 
 __all__ = ["Method", "InversionLabel", "GuidanceReference", "Mask", "StrengthRule", "EditSettings", "edit_timesteps",
-           "invert", "invert_trajectory", "mask_seeds", "diffedit_mask", "contrast_output", "denoise_from", "noise_to",
-           "edit_latents", "smooth_change", "unclamped", "model_input", "edit_images", "edit_at", "similarity",
-           "flips_to", "guide_accepts", "edit_guided", "DEFAULT_STRENGTH", "DEFAULT_GUIDE_STRENGTHS",
-           "DEFAULT_GUIDE_MARGIN", "STRENGTH_HELP", "strength_option", "METHOD_OPTION", "STRENGTH_RULE_OPTION",
-           "GUIDE_STRENGTHS_OPTION", "GUIDE_MARGIN_OPTION", "INVERSION_LABEL_OPTION", "GUIDANCE_SCALE_OPTION",
-           "GUIDANCE_REFERENCE_OPTION", "MASK_OPTION", "MASK_THRESHOLD_OPTION", "MASK_NOISE_DRAWS_OPTION",
-           "INVERSION_GUIDANCE_OPTION", "CLIP_DENOISED_OPTION", "CHANGE_SIGMA_OPTION"]
-
-PSNR_CAP_DB = 100.0
-"""PSNR of identical images is infinite; JSON metrics must be finite, so per-image PSNR is capped here."""
-
+           "invert", "invert_trajectory", "mask_seeds", "diffedit_mask", "denoise_from", "noise_to", "edit_latents",
+           "smooth_change", "unclamped", "model_input", "edit_images", "edit_at", "guide_accepts", "edit_guided",
+           "STRENGTH_HELP", "strength_option", "METHOD_OPTION", "STRENGTH_RULE_OPTION", "GUIDE_STRENGTHS_OPTION",
+           "GUIDE_MARGIN_OPTION", "INVERSION_LABEL_OPTION", "GUIDANCE_SCALE_OPTION", "GUIDANCE_REFERENCE_OPTION",
+           "MASK_OPTION", "MASK_THRESHOLD_OPTION", "MASK_NOISE_DRAWS_OPTION", "INVERSION_GUIDANCE_OPTION",
+           "CLIP_DENOISED_OPTION", "CHANGE_SIGMA_OPTION", "NUM_INFERENCE_STEPS_OPTION", "SEED_OPTION"]
 
 class Method(str, Enum):
     """How an edit goes up the diffusion process."""
@@ -116,9 +111,8 @@ class Mask(str, Enum):
 
 @dataclass(frozen=True)
 class EditSettings:
-    """How to edit. The defaults are the val-chosen settings of params.yaml's ``counterfactual`` section (README,
-    "Counterfactual editing"), strength aside; the command-line options take theirs from here, so a library call
-    edits as the stage and the edit command do.
+    """How to edit. Every field is required: the values come from params.yaml's ``counterfactual`` section (chosen on
+    val: docs/counterfactuals.md), through the counterfactual stage's and the edit command's options.
 
     Args:
         strength: fraction of the schedule the edit goes up, in [0, 1].
@@ -142,15 +136,15 @@ class EditSettings:
     """
 
     strength: float
-    method: Method = Method.ddim_inversion
-    inversion_label: InversionLabel = InversionLabel.source
-    guidance_scale: float = 7.0
-    guidance_reference: GuidanceReference = GuidanceReference.unconditional
-    mask: Mask = Mask.none
-    mask_threshold: float = 0.3
-    mask_noise_draws: int = 4
-    inversion_guidance: float = 7.0
-    change_sigma: float = 1.0
+    method: Method
+    inversion_label: InversionLabel
+    guidance_scale: float
+    guidance_reference: GuidanceReference
+    mask: Mask
+    mask_threshold: float
+    mask_noise_draws: int
+    inversion_guidance: float
+    change_sigma: float
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.strength <= 1.0:
@@ -165,64 +159,53 @@ class EditSettings:
             raise PipelineError(f"edit change_sigma must be at least 0, got {self.change_sigma}")
 
 
-DEFAULT_STRENGTH = {"pneumonia": 0.5, "normal": 0.5}
-"""Edit strength per target class of the fixed rule: the smallest t0 whose edits of 100 real val images, with guided
-inversion and the change low-pass of σ 1 px, flip the evaluator at least 0.90 of the time (README, "Counterfactual
-editing"); params.yaml's counterfactual section holds the same values."""
-
-
 STRENGTH_HELP = ("the fraction of the diffusion schedule the edit goes up; higher changes more (0 = autoencoder round "
                  "trip, 1 = from noise).")
 
 
 def strength_option(target: str) -> typer.models.OptionInfo:
-    """The ``--strength-to-<target>`` option: edit strength t0 of the edits to ``target``."""
-    return typer.Option(DEFAULT_STRENGTH[target], min=0.0, max=1.0, help=f"Edit strength t0 of edits to {target}: "
+    """The ``--strength-to-<target>`` option: edit strength t0 of the fixed rule's edits to ``target``."""
+    return typer.Option(..., min=0.0, max=1.0, help=f"Fixed rule: edit strength t0 of edits to {target}: "
                         f"{STRENGTH_HELP} metrics/plots/counterfactual_sweep.png shows flip rate against SSIM per t0.")
 
 
-DEFAULT_GUIDE_STRENGTHS = [round(0.2 + 0.02 * i, 2) for i in range(22)]
-"""Candidate strengths of guided edits: 0.20, 0.22, …, 0.62 (the range of the val grids, README)."""
-DEFAULT_GUIDE_MARGIN = 0.1
-"""How clearly the guide must call the target (:func:`guide_accepts`); chosen on val (README)."""
-
-
-# Command-line options of an edit, shared by the counterfactual stage and the edit command (one help text each; the
-# defaults are EditSettings', which the stage reads from params.yaml instead).
-_EDIT_DEFAULTS = {f.name: f.default for f in fields(EditSettings) if f.default is not MISSING}
-METHOD_OPTION = typer.Option(_EDIT_DEFAULTS["method"], help="ddim_inversion (deterministic, keeps the anatomy) or "
-                             "sdedit (fresh noise to t0, then denoise).")
-INVERSION_LABEL_OPTION = typer.Option(_EDIT_DEFAULTS["inversion_label"], help="Label the DDIM inversion is "
-                                      "conditioned on: source, or unconditional (the null class).")
-GUIDANCE_SCALE_OPTION = typer.Option(_EDIT_DEFAULTS["guidance_scale"], min=0.0, help="Classifier-free guidance "
-                                     "towards the target label (1 = none).")
+# Command-line options of an edit, shared by the counterfactual stage and the edit command: one help text each; the
+# values come from params.yaml's counterfactual section (the one source of every default).
+METHOD_OPTION = typer.Option(..., help="ddim_inversion (deterministic, keeps the anatomy) or sdedit (fresh noise to "
+                             "t0, then denoise).")
+INVERSION_LABEL_OPTION = typer.Option(..., help="Label the DDIM inversion is conditioned on: source, or "
+                                      "unconditional (the null class).")
+GUIDANCE_SCALE_OPTION = typer.Option(..., min=0.0, help="Classifier-free guidance towards the target label "
+                                     "(1 = none).")
 GUIDANCE_REFERENCE_OPTION = typer.Option(
-    _EDIT_DEFAULTS["guidance_reference"], help="What guidance extrapolates from: unconditional (usual classifier-free "
-    "guidance) or source (only what differs between the source and target predictions is amplified).")
-MASK_OPTION = typer.Option(_EDIT_DEFAULTS["mask"], help="none (the whole image may change) or diffedit (only where the "
-                           "target and source labels' noise predictions disagree; outside, the source latent is kept).")
-MASK_THRESHOLD_OPTION = typer.Option(_EDIT_DEFAULTS["mask_threshold"], min=0.0, max=1.0, help="DiffEdit mask: cells "
-                                     "whose normalised disagreement (0-1 per image) is at least this are edited; "
-                                     "lower = larger.")
-MASK_NOISE_DRAWS_OPTION = typer.Option(_EDIT_DEFAULTS["mask_noise_draws"], min=1, help="DiffEdit mask: noise draws "
-                                       "the disagreement is averaged over.")
-INVERSION_GUIDANCE_OPTION = typer.Option(_EDIT_DEFAULTS["inversion_guidance"], min=0.0, help="Classifier-free "
-                                         "guidance of the DDIM inversion under its label (1 = none; = "
-                                         "--guidance-scale makes a null edit the round trip of one ODE).")
-CHANGE_SIGMA_OPTION = typer.Option(_EDIT_DEFAULTS["change_sigma"], min=0.0, help="Std (pixels of the model's "
-                                   "28-px image) of the Gaussian low-pass of the change (edit - source) added to the "
-                                   "source: the edit keeps the source's detail finer than this and changes haze, "
-                                   "opacities, brightness; 0 = off.")
-STRENGTH_RULE_OPTION = typer.Option(StrengthRule.guided, help="fixed: every edit of a direction at its "
-                                    "--strength-to-* t0; guided: each image at the smallest of --guide-strengths whose "
-                                    "edit the guide classifier (train_guide) calls the target class.")
-GUIDE_STRENGTHS_OPTION = typer.Option(DEFAULT_GUIDE_STRENGTHS, help="Guided edits: the candidate strengths, tried "
-                                      "from the smallest up (one option per value).")
-GUIDE_MARGIN_OPTION = typer.Option(DEFAULT_GUIDE_MARGIN, min=0.0, max=0.99, help="Guided edits: how clearly the "
-                                   "guide must call the target, as the share of the way from its threshold to "
-                                   "certainty (0 = its plain call).")
-CLIP_DENOISED_OPTION = typer.Option(0.0, min=0.0, help="Clamp the predicted clean latent to ±this while denoising "
+    ..., help="What guidance extrapolates from: unconditional (usual classifier-free guidance) or source (only what "
+    "differs between the source and target predictions is amplified).")
+MASK_OPTION = typer.Option(..., help="none (the whole image may change) or diffedit (only where the target and source "
+                           "labels' noise predictions disagree; outside, the source latent is kept).")
+MASK_THRESHOLD_OPTION = typer.Option(..., min=0.0, max=1.0, help="DiffEdit mask: cells whose normalised disagreement "
+                                     "(0-1 per image) is at least this are edited; lower = larger.")
+MASK_NOISE_DRAWS_OPTION = typer.Option(..., min=1, help="DiffEdit mask: noise draws the disagreement is averaged "
+                                       "over.")
+INVERSION_GUIDANCE_OPTION = typer.Option(..., min=0.0, help="Classifier-free guidance of the DDIM inversion under its "
+                                         "label (1 = none; = --guidance-scale makes a null edit the round trip of one "
+                                         "ODE).")
+CHANGE_SIGMA_OPTION = typer.Option(..., min=0.0, help="Std (pixels of the model's 28-px image) of the Gaussian "
+                                   "low-pass of the change (edit - source) added to the source: the edit keeps the "
+                                   "source's detail finer than this and changes haze, opacities, brightness; 0 = off.")
+STRENGTH_RULE_OPTION = typer.Option(..., help="fixed: every edit of a direction at its --strength-to-* t0; guided: "
+                                    "each image at the smallest of --guide-strengths whose edit the guide classifier "
+                                    "(train_guide) calls the target class.")
+GUIDE_STRENGTHS_OPTION = typer.Option(..., help="Guided edits: the candidate strengths, tried from the smallest up "
+                                      "(one option per value).")
+GUIDE_MARGIN_OPTION = typer.Option(..., min=0.0, max=0.99, help="Guided edits: how clearly the guide must call the "
+                                   "target, as the share of the way from its threshold to certainty (0 = its plain "
+                                   "call).")
+CLIP_DENOISED_OPTION = typer.Option(..., min=0.0, help="Clamp the predicted clean latent to ±this while denoising "
                                     "(normalised latent units, 0 = off; the inversion never clamps).")
+NUM_INFERENCE_STEPS_OPTION = typer.Option(..., min=1, help="DDIM steps of a full schedule; an edit of strength t0 runs "
+                                          "about t0 x this many steps up and as many down.")
+SEED_OPTION = typer.Option(..., help="Seeds the noise: image i uses seed + i (SDEdit noise, DiffEdit mask draws, the "
+                           "regenerate baseline); the counterfactual stage also draws its images with it.")
 
 
 def edit_timesteps(scheduler: DDIMScheduler, strength: float) -> list[int]:
@@ -262,13 +245,13 @@ def invert_trajectory(unet: torch.nn.Module, scheduler: DDIMScheduler, z: torch.
         z: normalised latents N×C×h×w.
         labels: conditioning of each latent (0, 1 or :data:`~pipeline.diffusion.NULL_CLASS`).
         timesteps: the edit's grid, increasing.
-        guidance_scale: classifier-free guidance from the null class (:func:`contrast_output`); 1 = one conditional
+        guidance_scale: classifier-free guidance from the null class (:func:`~pipeline.diffusion.guidance.guided_output`); 1 = one conditional
             pass per step.
     """
     out = [z]
     null = torch.full_like(labels, NULL_CLASS)
     for t in timesteps[:-1]:
-        eps = contrast_output(unet, out[-1], _t(t, z), labels, null, guidance_scale)
+        eps = guided_output(unet, out[-1], _t(t, z), labels, guidance_scale, null)
         out.append(scheduler.reversed_step(eps, t, out[-1])[0])
     return out
 
@@ -278,17 +261,6 @@ def invert(unet: torch.nn.Module, scheduler: DDIMScheduler, z: torch.Tensor, lab
     """DDIM inversion: clean latents at ``timesteps[0]`` -> latents at ``timesteps[-1]`` (the last latent of
     :func:`invert_trajectory`, same arguments)."""
     return invert_trajectory(unet, scheduler, z, labels, timesteps, guidance_scale)[-1]
-
-
-def contrast_output(unet: torch.nn.Module, z: torch.Tensor, t: torch.Tensor, labels: torch.Tensor,
-                    reference: torch.Tensor, guidance_scale: float) -> torch.Tensor:
-    """Guided prediction ``ref + w (cond − ref)``, ``ref`` the prediction under ``reference`` labels; with the null
-    class as reference this is :func:`pipeline.diffusion.guided_output`. A scale of 1 is one conditional pass."""
-    if guidance_scale == 1.0:
-        return unet(z, timesteps=t, class_labels=labels)
-    out = unet(torch.cat([z, z]), timesteps=torch.cat([t, t]), class_labels=torch.cat([labels, reference]))
-    cond, ref = out.chunk(2)
-    return ref + guidance_scale * (cond - ref)
 
 
 @torch.inference_mode()
@@ -304,7 +276,8 @@ def denoise_from(unet: torch.nn.Module, scheduler: DDIMScheduler, z: torch.Tenso
         labels: target labels (0 normal, 1 pneumonia).
         guidance_scale: classifier-free guidance scale (1 = plain conditional prediction).
         timesteps: the edit's grid, increasing.
-        reference: labels guidance extrapolates from (:func:`contrast_output`); None = the null class.
+        reference: labels guidance extrapolates from (:func:`~pipeline.diffusion.guidance.guided_output`); None =
+            the null class.
         mask: N×1×h×w in [0, 1], where the edit may change the latent (DiffEdit); None = everywhere.
         trajectory: with a mask, the source latents at each of ``timesteps`` (:func:`invert_trajectory`); after the
             step that lands on ``timesteps[j]``, the latent becomes ``mask · z + (1 − mask) · trajectory[j]``.
@@ -312,12 +285,14 @@ def denoise_from(unet: torch.nn.Module, scheduler: DDIMScheduler, z: torch.Tenso
     if mask is not None and (trajectory is None or len(trajectory) != len(timesteps)):
         raise ValueError("a masked denoising needs the source trajectory, one latent per timestep")
     reference = torch.full_like(labels, NULL_CLASS) if reference is None else reference.to(labels.device)
-    for j in range(len(timesteps) - 1, 0, -1):
-        t = timesteps[j]
-        z, _ = scheduler.step(contrast_output(unet, z, _t(t, z), labels, reference, guidance_scale), t, z)
-        if mask is not None:
-            z = torch.lerp(trajectory[j - 1], z, mask)
-    return z
+    below = {t: j - 1 for j, t in enumerate(timesteps)}  # the step from timesteps[j] lands on timesteps[j - 1]
+
+    def keep_outside(t: int, x: torch.Tensor) -> torch.Tensor:
+        return torch.lerp(trajectory[below[t]], x, mask)
+
+    return ddim_denoise(scheduler, z, timesteps[:0:-1],
+                        lambda x, t: guided_output(unet, x, _t(t, x), labels, guidance_scale, reference),
+                        after_step=keep_outside if mask is not None else None)
 
 
 def noise_to(scheduler: DDIMScheduler, z: torch.Tensor, noise: torch.Tensor, t: int) -> torch.Tensor:
@@ -513,19 +488,3 @@ def edit_guided(sampler: Sampler, images: np.ndarray, source: np.ndarray, target
         out[todo[done]], chosen[todo[done]] = edits[done], s
         todo = todo[~done]
     return out, chosen
-
-
-def similarity(a: np.ndarray, b: np.ndarray) -> dict[str, np.ndarray]:
-    """Per-image SSIM (11×11 Gaussian window, σ 1.5), PSNR (dB, capped at :data:`PSNR_CAP_DB`) and L1 (mean absolute
-    difference) of two uint8 N×H×W image sets, in [0, 1] units (Wang et al., IEEE TIP 2004)."""
-    x = torch.from_numpy(a).double().div(255.0)[:, None]
-    y = torch.from_numpy(b).double().div(255.0)[:, None]
-    ssim = structural_similarity_index_measure(x, y, data_range=1.0, reduction="none")
-    mse = (x - y).pow(2).flatten(1).mean(1)
-    psnr = (10 * torch.log10(1.0 / mse.clamp_min(10 ** (-PSNR_CAP_DB / 10))))
-    return {"ssim": ssim.numpy(), "psnr_db": psnr.numpy(), "l1": (x - y).abs().flatten(1).mean(1).numpy()}
-
-
-def flips_to(prob: np.ndarray, threshold: float, target: np.ndarray) -> np.ndarray:
-    """Whether the evaluator's call (pneumonia when ``prob >= threshold``) equals the target label, per image."""
-    return (prob >= threshold).astype(np.int64) == target

@@ -17,13 +17,20 @@ MS-SSIM among random same-class pairs.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from pathlib import Path
+
 import numpy as np
 import torch
 from torchmetrics.functional.image import multiscale_structural_similarity_index_measure
 from tqdm import tqdm
 
-__all__ = ["MSSSIM_BETAS", "unit_pixels", "nearest_two", "distance_ratio", "near_copy_mask", "unique_indices",
-           "quantiles", "random_pairs", "msssim", "msssim_of_pairs"]
+from pipeline.core.cli import PipelineError
+from pipeline.core.data import CLASSES
+
+__all__ = ["MSSSIM_BETAS", "SPACES", "REFERENCES", "ImageSet", "Neighbours", "unit_pixels", "nearest_two",
+           "distance_ratio", "near_copy_mask", "unique_indices", "quantiles", "random_pairs", "msssim",
+           "msssim_of_pairs", "neighbours", "space_metrics", "diversity_metrics", "check_gate"]
 
 MSSSIM_BETAS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
 """Wang et al.'s weights of scales 1 (finest) to 5; fewer scales take the first ones, renormalised to sum 1."""
@@ -140,3 +147,98 @@ def msssim_of_pairs(images: np.ndarray, n_pairs: int, rng: np.random.Generator, 
     out = [msssim(x[i[s:s + batch_size]], x[j[s:s + batch_size]], kernel_size, sigma, scales)
            for s in tqdm(range(0, n_pairs, batch_size), desc=desc, unit="batch", leave=False)]
     return torch.cat(out).double().numpy()
+
+
+SPACES = ("pixel", "inception")
+REFERENCES = ("test", "val")  # real splits never trained on
+
+
+@dataclass
+class ImageSet:
+    """uint8 images N×H×W, their labels and their Inception features (N×2048)."""
+
+    images: np.ndarray
+    labels: np.ndarray
+    features: np.ndarray
+
+    def vectors(self, space: str) -> np.ndarray:
+        """The vectors whose L2 distances define ``space``."""
+        return unit_pixels(self.images).numpy() if space == "pixel" else self.features
+
+    def subset(self, idx: np.ndarray) -> ImageSet:
+        """The images at ``idx``."""
+        return ImageSet(self.images[idx], self.labels[idx], self.features[idx])
+
+
+@dataclass
+class Neighbours:
+    """Distances of queries to their nearest (d1) and second-nearest (d2) train image, and the nearest's index."""
+
+    d1: np.ndarray
+    d2: np.ndarray
+    index: np.ndarray
+
+    @property
+    def ratio(self) -> np.ndarray:
+        """d1 / d2 (0 where both are 0)."""
+        return distance_ratio(self.d1, self.d2)
+
+
+def neighbours(query: ImageSet, train: ImageSet, space: str, desc: str) -> Neighbours:
+    """Nearest and second-nearest train image of every query image in ``space``."""
+    return Neighbours(*nearest_two(query.vectors(space), train.vectors(space), desc=desc))
+
+
+def space_metrics(space: str, nb: dict[str, Neighbours], ratio: float) -> dict[str, float]:
+    """Near-copy counts, d1 quantiles and the calibrated fractions of one space (keys start with ``space``)."""
+    syn, test = nb["synthetic"], nb["test"]
+    flagged = near_copy_mask(syn.d1, syn.d2, ratio)
+    out: dict[str, float] = {f"{space}_near_copies": int(flagged.sum()),
+                             f"{space}_near_copy_fraction": float(flagged.mean())}
+    for ref in REFERENCES:
+        out[f"{space}_{ref}_near_copies"] = int(near_copy_mask(nb[ref].d1, nb[ref].d2, ratio).sum())
+    q_syn, q_test = quantiles(syn.d1), quantiles(test.d1)
+    out.update({f"{space}_d1_synthetic_{k}": v for k, v in q_syn.items()})
+    out.update({f"{space}_d1_test_{k}": v for k, v in q_test.items()})
+    for k in ("p01", "p05"):
+        out[f"{space}_synthetic_below_test_{k}"] = float((syn.d1 < q_test[k]).mean())
+    out[f"{space}_ratio_synthetic_min"] = float(syn.ratio.min())
+    out[f"{space}_ratio_test_min"] = float(test.ratio.min())
+    return out
+
+
+def diversity_metrics(synthetic: ImageSet, real: ImageSet, n_pairs: int, seed: int, kernel_size: int, sigma: float,
+                      scales: int) -> dict[str, float]:
+    """Mean MS-SSIM of random same-class pairs, synthetic and real train, per class, and their difference."""
+    out: dict[str, float] = {}
+    for k, cls in enumerate(CLASSES):
+        means = {}
+        for s, (name, images) in enumerate((("synthetic", synthetic), ("real_train", real))):
+            pool = images.images[images.labels == k]
+            if len(pool) < 2:
+                raise PipelineError(f"MS-SSIM needs at least 2 {name} images of class {cls}, got {len(pool)}")
+            rng = np.random.default_rng([seed, k, s])  # one stream per class and set: each mean stands alone
+            try:
+                scores = msssim_of_pairs(pool, n_pairs, rng, kernel_size, sigma, scales, desc=f"ms-ssim {name} {cls}")
+            except ValueError as exc:  # torchmetrics: window or number of scales too large for the image size
+                raise PipelineError(f"privacy.ssim_kernel_size={kernel_size} / privacy.ssim_scales={scales} do not "
+                                    f"fit {pool.shape[-1]}-px images: {exc}") from exc
+            means[name] = float(scores.mean())
+            out[f"msssim_{cls}_{name}"] = means[name]
+        out[f"msssim_{cls}_diff"] = means["synthetic"] - means["real_train"]
+    out["msssim_max_abs_diff"] = max(abs(out[f"msssim_{cls}_diff"]) for cls in CLASSES)
+    return out
+
+
+def check_gate(out: dict[str, float], ratio: float, max_near_copies: int, figure: Path) -> None:
+    """Fail (after the outputs are written) when more synthetic images are near-copies than allowed.
+
+    Raises:
+        PipelineError: ``near_copies`` > ``max_near_copies``.
+    """
+    if out["near_copies"] > max_near_copies:
+        raise PipelineError(
+            f"{out['near_copies']} of {out['n_synthetic']} synthetic images are near-copies of training images "
+            f"(pixel {out['pixel_near_copies']}, Inception {out['inception_near_copies']}; rule: nearest train image "
+            f"closer than privacy.near_copy_ratio={ratio:g} x the second nearest), more than "
+            f"privacy.max_near_copies={max_near_copies}; look at {figure} (flagged pairs first)")

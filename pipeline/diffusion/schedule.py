@@ -1,68 +1,15 @@
-"""Conditional latent diffusion pieces shared by training, sampling and editing (MONAI core schedulers and U-Net).
-
-Conditioning: class labels 0 = normal, 1 = pneumonia, and a learned null class 2 used for classifier-free guidance
-(Ho & Salimans, "Classifier-Free Diffusion Guidance", 2022): during training a label is replaced by the null class
-with probability ``label_dropout``; at sampling the prediction is ``uncond + w · (cond − uncond)``.
-"""
+"""The noise schedules of training (DDPM) and sampling (DDIM), and what the U-Net is trained to predict (MONAI core
+schedulers)."""
 
 from __future__ import annotations
 
 from typing import Any
 
 import torch
-from monai.networks.nets import DiffusionModelUNet
 from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
 
-__all__ = ["NULL_CLASS", "LATENT_NORMS", "latent_normalizer", "to_model_space", "from_model_space", "unet_args",
-           "scheduler_args", "make_ddpm", "make_ddim", "clip_denoised_latents", "ddim_step", "training_target",
-           "snr_weights", "drop_labels", "guided_output"]
-
-NULL_CLASS = 2
-LATENT_NORMS = ("channel", "global")
-
-
-def latent_normalizer(stats: dict[str, Any], mode: str) -> tuple[list[float], list[float]]:
-    """Per-channel ``(shift, scale)`` that map autoencoder latents to what the diffusion model sees: (z − shift)·scale.
-
-    Args:
-        stats: the ``scale.json`` written by encode_latents.
-        mode: ``"global"``: one scale factor 1/std for all channels, no shift (Rombach et al., CVPR 2022);
-            ``"channel"``: each channel standardised by its own train mean and std, so that channels whose std is
-            10× smaller than the others are not drowned by the noise early in the forward process.
-    """
-    c = stats["latent_shape"][0]
-    if mode == "global":
-        return [0.0] * c, [float(stats["scale_factor"])] * c
-    if mode == "channel":
-        return [float(m) for m in stats["channel_mean"]], [1.0 / float(s) for s in stats["channel_std"]]
-    raise ValueError(f"latent normalisation must be one of {LATENT_NORMS}, got {mode!r}")
-
-
-def _per_channel(values: list[float], z: torch.Tensor) -> torch.Tensor:
-    return torch.as_tensor(values, dtype=z.dtype, device=z.device).view(1, -1, *([1] * (z.ndim - 2)))
-
-
-def to_model_space(z: torch.Tensor, shift: list[float], scale: list[float]) -> torch.Tensor:
-    """Autoencoder latents N×C×… -> normalised latents (z − shift)·scale."""
-    return (z - _per_channel(shift, z)) * _per_channel(scale, z)
-
-
-def from_model_space(z: torch.Tensor, shift: list[float], scale: list[float]) -> torch.Tensor:
-    """Inverse of :func:`to_model_space`."""
-    return z / _per_channel(scale, z) + _per_channel(shift, z)
-
-
-def unet_args(latent_channels: int, channels: list[int], attention_levels: list[bool], num_res_blocks: int,
-              num_head_channels: int, norm_num_groups: int) -> dict[str, Any]:
-    """Constructor arguments of a 2-D class-conditional :class:`DiffusionModelUNet` (keys are MONAI's names)."""
-    if len(attention_levels) != len(channels):
-        raise ValueError(f"attention_levels ({len(attention_levels)}) must have one entry per level "
-                         f"of channels ({len(channels)})")
-    return {
-        "spatial_dims": 2, "in_channels": latent_channels, "out_channels": latent_channels,
-        "channels": list(channels), "attention_levels": list(attention_levels), "num_res_blocks": num_res_blocks,
-        "num_head_channels": num_head_channels, "norm_num_groups": norm_num_groups, "num_class_embeds": 3,
-    }
+__all__ = ["scheduler_args", "make_ddpm", "make_ddim", "clip_denoised_latents", "ddim_step", "training_target",
+           "snr_weights"]
 
 
 def scheduler_args(num_train_timesteps: int, schedule: str, prediction_type: str) -> dict[str, Any]:
@@ -145,21 +92,3 @@ def snr_weights(sched: DDPMScheduler, t: torch.Tensor, gamma: float) -> torch.Te
     snr = a / (1 - a)
     clipped = torch.clamp(snr, max=gamma)
     return clipped / (snr + 1) if sched.prediction_type == "v_prediction" else clipped / snr
-
-
-def drop_labels(labels: torch.Tensor, p: float, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Replace each label by :data:`NULL_CLASS` with probability ``p``."""
-    mask = torch.rand(labels.shape, generator=generator) < p
-    return torch.where(mask.to(labels.device), torch.full_like(labels, NULL_CLASS), labels)
-
-
-def guided_output(unet: DiffusionModelUNet, z: torch.Tensor, t: torch.Tensor, labels: torch.Tensor,
-                  guidance_scale: float) -> torch.Tensor:
-    """Classifier-free guided prediction; a scale of 1 is the plain conditional prediction (one forward pass)."""
-    t = t.expand(len(z)) if t.ndim == 0 else t
-    if guidance_scale == 1.0:
-        return unet(z, timesteps=t, class_labels=labels)
-    null = torch.full_like(labels, NULL_CLASS)
-    out = unet(torch.cat([z, z]), timesteps=torch.cat([t, t]), class_labels=torch.cat([labels, null]))
-    cond, uncond = out.chunk(2)
-    return uncond + guidance_scale * (cond - uncond)

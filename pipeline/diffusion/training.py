@@ -1,0 +1,129 @@
+"""Training of the class-conditional diffusion U-Net on normalised latents: the loss, its validation, and the loop.
+
+Classifier-free guidance through a learned null class (``label_dropout``), epsilon or v prediction, Min-SNR-γ loss
+weights, linear warm-up then cosine learning rate, gradient clipping, and an exponential moving average (EMA) of the
+weights, which is what is saved and sampled from. Used by the ``train_ldm`` stage and by every trial of ``tune``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+from torch.optim.swa_utils import AveragedModel
+from tqdm import tqdm
+
+from pipeline.core.cli import PipelineError
+from pipeline.diffusion.guidance import drop_labels
+from pipeline.diffusion.schedule import snr_weights, training_target
+
+__all__ = ["NonFiniteLoss", "ema_avg_fn", "lr_lambda", "diffusion_loss", "validation_loss", "fit"]
+
+
+class NonFiniteLoss(PipelineError):
+    """The training loss became NaN or infinite; ``ema`` holds the last good EMA model."""
+
+    def __init__(self, message: str, ema: torch.nn.Module) -> None:
+        super().__init__(message)
+        self.ema = ema
+
+
+def ema_avg_fn(decay: float):
+    """EMA update with warm-up: the effective decay is min(decay, (1 + n) / (10 + n)) after n updates, so the
+    randomly initialised weights do not linger in the average of a short run (as in diffusers' EMAModel)."""
+    def f(averaged: torch.Tensor, current: torch.Tensor, num_averaged: torch.Tensor) -> torch.Tensor:
+        n = float(num_averaged)
+        d = min(decay, (1.0 + n) / (10.0 + n))
+        return d * averaged + (1.0 - d) * current
+    return f
+
+
+def lr_lambda(warmup: int, total: int):
+    """Linear warm-up over ``warmup`` steps, then cosine decay to 0 at ``total``."""
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+    return f
+
+
+def diffusion_loss(unet: torch.nn.Module, sched, z0: torch.Tensor, labels: torch.Tensor,
+                   gen: torch.Generator, min_snr_gamma: float = 0.0) -> torch.Tensor:
+    """MSE between the U-Net output and its target at random timesteps, with noise from ``gen``; each sample
+    weighted by :func:`pipeline.diffusion.snr_weights` when ``min_snr_gamma`` > 0 (0 = the plain MSE)."""
+    noise = torch.randn(z0.shape, generator=gen).to(z0.device)
+    t = torch.randint(0, sched.num_train_timesteps, (len(z0),), generator=gen).to(z0.device)
+    zt = sched.add_noise(original_samples=z0, noise=noise, timesteps=t)
+    out, target = unet(zt, timesteps=t, class_labels=labels), training_target(sched, z0, noise, t)
+    if min_snr_gamma <= 0:
+        return torch.nn.functional.mse_loss(out, target)
+    per_sample = (out - target).pow(2).flatten(1).mean(1)
+    return (snr_weights(sched, t, min_snr_gamma) * per_sample).mean()
+
+
+@torch.inference_mode()
+def validation_loss(model: torch.nn.Module, sched, z: torch.Tensor, y: torch.Tensor, seed: int,
+                    device: torch.device) -> float:
+    """Conditional diffusion loss on ``z`` with fixed noise and timesteps (comparable across epochs and runs)."""
+    gen = torch.Generator().manual_seed(seed)
+    losses = [diffusion_loss(model, sched, z[i:i + 256].to(device), y[i:i + 256].to(device), gen).item()
+              * len(z[i:i + 256]) for i in range(0, len(z), 256)]
+    return sum(losses) / len(z)
+
+
+def fit(unet: torch.nn.Module, sched, train: tuple[torch.Tensor, torch.Tensor], val: tuple[torch.Tensor, torch.Tensor],
+        *, steps: int, eval_every: int, batch_size: int, lr: float, warmup_steps: int, grad_clip: float,
+        label_dropout: float, ema_decay: float, seed: int, gen: torch.Generator, device: torch.device,
+        min_snr_gamma: float = 0.0, on_eval: Callable[[dict[str, float]], None] = lambda row: None,
+        progress: bool = True) -> AveragedModel:
+    """Train ``unet`` for ``steps`` AdamW steps (shuffled passes over ``train``) and return its EMA model.
+
+    Args:
+        unet: the U-Net, already on ``device``.
+        sched: the DDPM scheduler of training (its prediction type sets the target).
+        train, val: normalised latents and labels.
+        steps: optimiser steps; the learning rate warms up linearly, then decays to 0 at ``steps`` (cosine).
+        eval_every: steps between validation losses of the EMA weights (and after the last step).
+        seed: seed of the fixed validation noise and timesteps (``seed + 1``, as train_ldm's per-epoch curve).
+        min_snr_gamma: Min-SNR-γ weighting of the training loss (0 = off); the validation loss is always the plain
+            MSE, so it stays comparable across weightings.
+        gen: the generator of batch order, label dropout, noise and timesteps.
+        on_eval: called with ``{"step", "epoch", "train_loss", "val_loss", "lr"}`` at each validation; it may raise
+            (the tuning stage's pruner does) to stop training.
+
+    Raises:
+        NonFiniteLoss: the loss became NaN or infinite; the exception carries the last good EMA model.
+    """
+    z_train, y_train = train
+    ema = AveragedModel(unet, avg_fn=ema_avg_fn(ema_decay), use_buffers=True)
+    opt = torch.optim.AdamW(unet.parameters(), lr=lr)
+    lr_sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(warmup_steps, steps))
+    per_pass = -(-len(z_train) // batch_size)
+    order, total, count = None, 0.0, 0
+    bar = tqdm(range(steps), desc="train_ldm", disable=not progress, mininterval=2.0)
+    for step in bar:
+        if step % per_pass == 0:
+            order = torch.randperm(len(z_train), generator=gen)
+        unet.train()
+        idx = order[(step % per_pass) * batch_size:(step % per_pass + 1) * batch_size]
+        labels = drop_labels(y_train[idx], label_dropout, gen).to(device)
+        loss = diffusion_loss(unet, sched, z_train[idx].to(device), labels, gen, min_snr_gamma)
+        if not torch.isfinite(loss):
+            raise NonFiniteLoss(f"loss became {loss.item()} at step {step + 1}; lower ldm.lr or raise ldm.grad_clip",
+                                ema.module)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), grad_clip)
+        opt.step()
+        lr_sched.step()
+        ema.update_parameters(unet)
+        total, count = total + loss.item(), count + 1
+        bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
+        if (step + 1) % eval_every == 0 or step + 1 == steps:
+            row = {"step": step + 1, "epoch": round((step + 1) / per_pass, 3), "train_loss": total / count,
+                   "val_loss": validation_loss(ema.module.eval(), sched, *val, seed + 1, device),
+                   "lr": lr_sched.get_last_lr()[0]}
+            total, count = 0.0, 0
+            on_eval(row)
+    return ema
