@@ -9,10 +9,12 @@ but the file lacks. This stage has no hyperparameters.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import typer
 
+from pipeline.core.artifacts import atomic_outputs, write_json
 from pipeline.core.cli import PipelineError, closest_key, read_params, run_stage
 from pipeline.core.pipeline_file import declared_params
 
@@ -52,11 +54,15 @@ def check(params: dict, declared: dict[str, set[str] | None]) -> None:
 def main(
     params_file: Path = typer.Option(..., help="The params file to check (params.yaml)."),
     pipeline: Path = typer.Option(..., help="dvc.yaml: which stage declares which params."),
+    metrics: Path = typer.Option(..., help="Output metrics JSON: sections, keys, wall time."),
 ) -> None:
-    """Check the params file against what dvc.yaml's stages declare; print a one-line summary."""
+    """Check the params file against what dvc.yaml's stages declare; write a one-line summary."""
+    t0 = time.time()
     content = read_params(params_file)
     check(content, declared_params(pipeline))
     n_keys = sum(len(v) for v in content.values())
+    with atomic_outputs(metrics) as (tmp,):
+        write_json(tmp, {"sections": len(content), "keys": n_keys, "wall_time_s": round(time.time() - t0, 2)})
     typer.echo(f"{params_file}: {len(content)} sections, {n_keys} keys, each section read by a stage", err=True)
 
 

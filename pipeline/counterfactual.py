@@ -43,7 +43,7 @@ from pipeline.diffusion.edit import (CHANGE_SIGMA_OPTION, CLIP_DENOISED_OPTION, 
                                      INVERSION_GUIDANCE_OPTION, INVERSION_LABEL_OPTION, MASK_NOISE_DRAWS_OPTION,
                                      MASK_OPTION, MASK_THRESHOLD_OPTION, METHOD_OPTION, NUM_INFERENCE_STEPS_OPTION,
                                      SEED_OPTION, STRENGTH_RULE_OPTION, EditSettings, GuidanceReference,
-                                     InversionLabel, Mask, Method, StrengthRule, edit_at, edit_guided,
+                                     Inversion, InversionLabel, Mask, Method, StrengthRule, edit_guided,
                                      strength_option)
 from pipeline.diffusion.sampler import Sampler
 from pipeline.evaluation.classifier import load_classifier
@@ -119,37 +119,42 @@ def main(
     settings = EditSettings(0.0, method, inversion_label, guidance_scale, guidance_reference, mask,
                             mask_threshold, mask_noise_draws, inversion_guidance, change_sigma)
     to = np.array([strength_to_normal, strength_to_pneumonia])  # strength per target label
+    guided = strength_rule == StrengthRule.guided
+    top = max([*sweep_strengths, *(guide_strengths if guided else to)])
+    # the sources' way up, once: the edits, the null edits, the identity baseline and the sweep all start from it
+    up = Inversion(sampler, sources, src, settings, top, seeds, batch_size, "inversion of the sources")
 
-    def edit(x: np.ndarray, a: np.ndarray, b: np.ndarray, s: float | np.ndarray, desc: str) -> np.ndarray:
-        return edit_at(sampler, x, a, b, settings, np.broadcast_to(s, len(x)), seeds, batch_size, desc)
+    def edits_back(edits: np.ndarray, strengths: np.ndarray | float) -> np.ndarray:
+        back = Inversion(sampler, edits, tgt, settings, float(np.max(strengths)), seeds, batch_size, "inversion back")
+        return back.edit_at(src, strengths, "edit back")
 
-    if strength_rule == StrengthRule.guided:
+    if guided:
         if not (guide / "config.json").is_file():
             raise PipelineError(f"strength_rule guided needs the guide's model folder (--guide), and {guide} has no "
                                 "config.json: run the train_guide stage first (dvc repro train_guide), or set "
                                 "counterfactual.strength_rule: fixed")
         guide_model = load_classifier(guide)
         edits, strengths = edit_guided(sampler, sources, src, tgt, settings, guide_strengths, guide_model,
-                                       guide_margin, seeds, batch_size, "guided edit")
+                                       guide_margin, seeds, batch_size, "guided edit", inversion=up)
         backs, back_strengths = edit_guided(sampler, edits, tgt, src, settings, guide_strengths, guide_model,
                                             guide_margin, seeds, batch_size, "guided edit back")
     else:
         strengths, back_strengths = to[tgt], to[src]
-        edits = edit(sources, src, tgt, strengths, "edit")
-        backs = edit(edits, tgt, src, back_strengths, "edit back")  # to the source class, at that direction's t0
+        edits = up.edit_at(tgt, strengths, "edit")
+        backs = edits_back(edits, back_strengths)  # to the source class, at that direction's t0
     strengths, back_strengths = np.broadcast_to(strengths, len(src)), np.broadcast_to(back_strengths, len(src))
-    nulls = edit(sources, src, src, strengths, "null edit")  # the edit's own strength, target = source
+    nulls = up.edit_at(src, strengths, "null edit")  # the edit's own strength, target = source
     result = {**{f"{d}_strength": round(float(strengths[src == a].mean()), 5) for d, (a, _) in DIRECTIONS.items()},
               **direction_scores(sources, src, edits, backs, nulls, evaluator)}  # guided: the mean strength
-    if strength_rule == StrengthRule.guided:
+    if guided:
         result.update(guide_scores(src, edits, strengths, evaluator, guide_model))
 
-    recon = edit(sources, src, tgt, 0.0, "identity baseline")
-    recon_back = edit(recon, tgt, src, 0.0, "identity baseline back")
+    recon = up.edit_at(tgt, 0.0, "identity baseline")
+    recon_back = edits_back(recon, 0.0)
     result.update({f"baseline_identity_{k}": v for k, v in
                    direction_scores(sources, src, recon, recon_back, recon, evaluator).items()})
 
-    edits_at = {s: edit(sources, src, tgt, s, "sweep, edit") for s in sorted(set(sweep_strengths))}
+    edits_at = {s: up.edit_at(tgt, s, "sweep, edit") for s in sorted(set(sweep_strengths))}
     sweep_keys, rows = sweep_scores(sources, src, edits_at, evaluator)
     result.update(sweep_keys)
     result["wall_time_s"] = round(time.time() - t0, 1)

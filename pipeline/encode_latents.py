@@ -9,6 +9,7 @@ hyperparameters.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import typer
@@ -32,6 +33,7 @@ def main(
     metrics: Path = typer.Option(..., help="Output metrics JSON (scale factor and latent statistics)."),
 ) -> None:
     """Encode train/val/test to latents and write the latent scale factor."""
+    t0 = time.time()
     device = pick_device()
     ae, _ = load_model(model, REGISTRY)
     ae.to(device)
@@ -47,6 +49,7 @@ def main(
         summary = {k: round(v, 6) for k, v in stats.items() if isinstance(v, float)}
         summary["channel_std_min"] = round(min(stats["channel_std"]), 6)
         summary["channel_std_max"] = round(max(stats["channel_std"]), 6)
+        summary["wall_time_s"] = round(time.time() - t0, 1)
         write_json(tmp_metrics, summary)
     typer.echo(f"latents {stats['latent_shape']}, scale factor {stats['scale_factor']:.4f} -> {out}", err=True)
 

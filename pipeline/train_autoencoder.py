@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from pipeline.core.artifacts import atomic_outputs, save_model, seed_all, write_json, write_tsv
 from pipeline.core.cli import params_option, run_stage
+from pipeline.core.optim import checkpoint_beside
 from pipeline.core.data import load_prepared, read_meta
 from pipeline.core.runtime import pick_device
 from pipeline.diffusion.autoencoder import Trainer, val_l1
@@ -46,7 +47,8 @@ def main(
     disc_channels: int = typer.Option(..., min=1, help="Base channels of the PatchDiscriminator."),
     seed: int = typer.Option(..., help="Seed for weights and batch order."),
 ) -> None:
-    """Train the autoencoder; write the best-on-val model folder, a loss curve and a metrics JSON."""
+    """Train the autoencoder; write the best-on-val model folder, a loss curve and a metrics JSON. A run killed midway
+    resumes from its last finished epoch when rerun with the same settings (models/.autoencoder.checkpoint)."""
     t0 = time.time()
     gen = seed_all(seed)
     device = pick_device()
@@ -57,8 +59,19 @@ def main(
     steps_per_epoch = -(-len(x_train) // batch_size)
     trainer = Trainer(ae, lr=lr, total_steps=epochs * steps_per_epoch, kl_weight=kl_weight, adv_weight=adv_weight,
                       disc_channels=disc_channels, device=device)
-    rows, best, best_state, best_epoch = [], float("inf"), None, -1
-    for epoch in range(epochs):
+    rows, best, best_state, best_epoch, start = [], float("inf"), None, -1, 0
+    settings = {"args": args, "epochs": epochs, "batch_size": batch_size, "lr": lr, "kl_weight": kl_weight,
+                "adv_weight": adv_weight, "adv_start_epoch": adv_start_epoch, "disc_channels": disc_channels,
+                "seed": seed}
+    checkpoint = checkpoint_beside(out, settings, data)  # a killed run resumes from its last finished epoch
+    saved = checkpoint.load()
+    if saved is not None:
+        trainer.load_state(saved["trainer"])
+        gen.set_state(saved["gen"])
+        rows, best, best_state, best_epoch, start = (saved["rows"], saved["best"], saved["best_state"],
+                                                     saved["best_epoch"], saved["epoch"])
+        typer.echo(f"resuming from epoch {start} ({checkpoint.folder})", err=True)
+    for epoch in range(start, epochs):
         order = torch.randperm(len(x_train), generator=gen)
         sums: dict[str, float] = {}
         bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{epochs}", leave=False)
@@ -75,6 +88,9 @@ def main(
                    err=True)
         if v < best:
             best, best_epoch, best_state = v, epoch + 1, copy.deepcopy(ae.state_dict())
+        if epoch + 1 < epochs:
+            checkpoint.save({"trainer": trainer.state(), "gen": gen.get_state(), "rows": rows, "best": best,
+                             "best_state": best_state, "best_epoch": best_epoch, "epoch": epoch + 1})
     ae.load_state_dict(best_state)
     meta = read_meta(data)
     with atomic_outputs(out, metrics, curve) as (tmp_out, tmp_metrics, tmp_curve):
@@ -82,6 +98,7 @@ def main(
         write_tsv(tmp_curve, [{k: r.get(k, float("nan")) for k in rows[-1]} for r in rows])
         write_json(tmp_metrics, {"best_epoch": best_epoch, "best_val_l1": round(best, 6), "epochs": epochs,
                                  "steps": epochs * steps_per_epoch, "wall_time_s": round(time.time() - t0, 1)})
+    checkpoint.clear()
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from monai.networks.nets import DiffusionModelUNet
 
 from pipeline.core.artifacts import atomic_outputs, save_model, seed_all, write_json, write_tsv
 from pipeline.core.cli import PipelineError, params_option, run_stage
+from pipeline.core.optim import checkpoint_beside
 from pipeline.core.runtime import pick_device
 from pipeline.diffusion.latents import load_train_val
 from pipeline.diffusion.networks import unet_args
@@ -63,13 +64,15 @@ def main(
     grad_clip: float = typer.Option(..., min=0.0, help="Gradient-norm clip."),
     seed: int = typer.Option(..., help="Seed for weights, batches, noise and label dropout."),
 ) -> None:
-    """Train the conditional latent diffusion U-Net; save its EMA weights, loss curve and metrics."""
+    """Train the conditional latent diffusion U-Net; save its EMA weights, loss curve and metrics. A run killed midway
+    resumes from its last finished epoch when rerun with the same settings (models/.ldm.checkpoint)."""
     hp = {"channels": channels, "attention_levels": attention_levels, "num_res_blocks": num_res_blocks, "lr": lr}
     for key, value in read_tuned(tuned, use_tuned).items():
         typer.echo(f"train_ldm.{key}: {hp.get(key)} (params.yaml) -> {value} (tuned, {tuned})", err=True)
         hp[key] = value
     if prediction_type not in ("epsilon", "v_prediction"):
-        raise PipelineError(f"params key 'train_ldm.prediction_type' must be epsilon or v_prediction, got {prediction_type}")
+        raise PipelineError(f"params key 'train_ldm.prediction_type' must be epsilon or v_prediction, got "
+                            f"{prediction_type}")
     t0 = time.time()
     gen = seed_all(seed)
     device = pick_device()
@@ -81,6 +84,10 @@ def main(
     unet = DiffusionModelUNet(**args).to(device)
     per_epoch = -(-len(data["train"][0]) // batch_size)
     rows: list[dict] = []
+    settings = {"hp": hp, "args": args, "scheduler": sargs, "epochs": epochs, "batch_size": batch_size, "seed": seed,
+                "warmup_steps": warmup_steps, "grad_clip": grad_clip, "label_dropout": label_dropout,
+                "ema_decay": ema_decay, "min_snr_gamma": min_snr_gamma, "latent_norm": latent_norm}
+    checkpoint = checkpoint_beside(out, settings, latents)  # a killed run resumes from its last epoch
 
     def log(row: dict[str, float]) -> None:
         rows.append({"epoch": int(round(row["epoch"])), "train_loss": row["train_loss"], "val_loss": row["val_loss"],
@@ -92,7 +99,7 @@ def main(
         ema = fit(unet, sched, data["train"], data["val"], steps=epochs * per_epoch, eval_every=per_epoch,
                   batch_size=batch_size, lr=hp["lr"], warmup_steps=warmup_steps, grad_clip=grad_clip,
                   label_dropout=label_dropout, ema_decay=ema_decay, seed=seed, gen=gen, device=device,
-                  min_snr_gamma=min_snr_gamma, on_eval=log)
+                  min_snr_gamma=min_snr_gamma, on_eval=log, checkpoint=checkpoint)
     except NonFiniteLoss as exc:
         _save(out, metrics, curve, exc.ema, args, sargs, shift, scale, rows, t0)
         raise PipelineError(f"{exc} (epoch {len(rows) + 1}). The last good EMA weights were saved to {out}") from None
@@ -100,6 +107,7 @@ def main(
           batch_size=batch_size, warmup_steps=warmup_steps, label_dropout=label_dropout, ema_decay=ema_decay,
           min_snr_gamma=min_snr_gamma,
           tuned_from=str(tuned) if use_tuned and tuned is not None else None)
+    checkpoint.clear()
 
 
 def _save(out: Path, metrics: Path, curve: Path, model: torch.nn.Module, args: dict, sargs: dict,

@@ -1,5 +1,8 @@
 """Stage ``utility``: are the synthetic images useful for training? Train-on-synthetic, test-on-real, and low-data.
 
+The runs on real images alone do not depend on the cohort: the ``utility_real`` stage trains them (its
+``utility_real.json``), so a sampling experiment reruns only the runs with synthetic images here.
+
 The evaluator's recipe (:func:`pipeline.evaluation.classifier.train_evaluator`: same network, augmentation, optimiser, EMA, and
 the same validation-based selection of the epoch by AUC and of the threshold by Youden's J on the real val split) is
 retrained on:
@@ -9,7 +12,7 @@ retrained on:
   baseline, trained once), for each of ``fractions``;
 - ``real<p>_syn``: that same real subset plus the synthetic cohort (a stratified ``synthetic_fraction`` of it).
 
-Every run is scored on the real test split (AUC, and accuracy at the val-chosen threshold), once per seed (a seed
+The runs are spread over the CPU cores (one training per core). Every run is scored on the real test split (AUC, and accuracy at the val-chosen threshold), once per seed (a seed
 draws the real subset and seeds the weights, batch order and augmentation; with and without synthetic images share
 the subset, so gains are paired per-seed differences). The TSTR gap is AUC(real100) - AUC(syn_only).
 
@@ -25,37 +28,26 @@ cannot drift from the evaluator); this stage's own keys are in the ``utility`` s
 
 from __future__ import annotations
 
-import dataclasses
-import enum
+import json
 import time
 from pathlib import Path
 
 import numpy as np
 import typer
-from tqdm import tqdm
 
 from pipeline.core.artifacts import atomic_outputs, load_npz, write_json, write_tsv
 from pipeline.core.cli import PipelineError, params_option, read_keys, run_stage
 from pipeline.core.data import CLASSES, real_images
-from pipeline.evaluation.classifier import Recipe, binary_metrics, train_evaluator
-from pipeline.evaluation.utility import (Regime, curve_rows, epochs_for_budget, plan, stratified_subset,
-                                         summarise)
+from pipeline.evaluation.classifier import Recipe
+from pipeline.evaluation.utility import (Budget, Regime, check_options, curve_rows, plan, run_regimes, summarise)
 from pipeline.figures.charts import save_fraction_plot
 
 SECTION = "utility"  # the params.yaml section this stage reads
 RECIPE_SECTION = "classifier"  # ... and the evaluator's recipe, read from its section
-RECIPE_KEYS = tuple(f.name for f in dataclasses.fields(Recipe))
-EXTRA_PARAMS = {RECIPE_SECTION: RECIPE_KEYS}  # params of other sections this stage reads (declared in dvc.yaml)
+EXTRA_PARAMS = {RECIPE_SECTION: tuple(Recipe.__dataclass_fields__)}  # params of other sections (declared in dvc.yaml)
 app = typer.Typer(add_completion=False, help=__doc__)
 
 Split = tuple[np.ndarray, np.ndarray]
-
-
-class Budget(str, enum.Enum):
-    """What "the same training budget" holds fixed across training sets."""
-
-    steps = "steps"
-    epochs = "epochs"
 
 
 def read_recipe(params: Path) -> Recipe:
@@ -82,61 +74,42 @@ def load_cohort(samples: Path, train: Split) -> Split:
     return images, labels
 
 
-def training_set(regime: Regime, seed: int, real: Split, synthetic: Split, synthetic_fraction: float) -> Split:
-    """The images and labels of one regime and seed: a real subset, then the synthetic images (if any)."""
-    parts = []
-    if regime.real_fraction > 0:
-        idx = stratified_subset(real[1], regime.real_fraction, seed)
-        parts.append((real[0][idx], real[1][idx]))
-    if regime.synthetic:
-        frac = synthetic_fraction if regime.real_fraction > 0 else 1.0  # syn_only: the whole cohort, same N as real
-        idx = stratified_subset(synthetic[1], frac, seed) if frac < 1.0 else np.arange(len(synthetic[1]))
-        parts.append((synthetic[0][idx], synthetic[1][idx]))
-    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
-
-
-def train_and_test(train: Split, val: Split, test: Split, recipe: Recipe, seed: int, desc: str) -> dict[str, float]:
-    """Train the recipe on ``train`` (selection on ``val``); test AUC, accuracy, sensitivity, specificity, the training
-    set size, the optimiser steps, the selected epoch, its val AUC and the wall time."""
-    t0 = time.time()
-    evaluator, history, _ = train_evaluator(*train, *val, recipe, seed=seed, desc=desc)
-    scores = binary_metrics(evaluator.predict_proba(test[0]), test[1], evaluator.threshold)
-    steps = recipe.epochs * -(-len(train[1]) // recipe.batch_size)
-    best = max(history, key=lambda r: r["val_auc"])
-    return {**scores, "n_train": len(train[1]), "steps": steps, "best_epoch": best["epoch"], "val_auc": best["val_auc"],
-            "wall_time_s": time.time() - t0}
-
-
-def check_options(fractions: list[float], seeds: list[int], synthetic_fraction: float) -> None:
-    """Raises PipelineError on an empty or out-of-range ``utility.fractions`` / ``seeds`` / ``synthetic_fraction``."""
-    if not fractions or not all(0.0 < f <= 1.0 for f in fractions):
-        raise PipelineError(f"utility.fractions must be a non-empty list of shares in (0, 1], got {fractions}")
-    if not seeds or len(set(seeds)) != len(seeds):
-        raise PipelineError(f"utility.seeds must be a non-empty list of distinct integers, got {seeds}")
-    if not 0.0 < synthetic_fraction <= 1.0:
-        raise PipelineError(f"utility.synthetic_fraction must be in (0, 1], got {synthetic_fraction}")
+def load_real_runs(path: Path, regimes: list[Regime], seeds: list[int]) -> dict[Regime, list[dict[str, float]]]:
+    """The real-only runs of the ``utility_real`` stage; they must be of the same fractions, seeds and budget."""
+    if not path.is_file():
+        raise PipelineError(f"{path} not found: run the utility_real stage first (dvc repro utility_real)")
+    runs = json.loads(path.read_text())
+    out = {}
+    for regime in regimes:
+        per_seed = runs.get("runs", {}).get(regime.name)
+        if per_seed is None or [r["seed"] for r in per_seed] != list(seeds):
+            raise PipelineError(f"{path} has no {regime.name} runs of seeds {seeds}: rerun the utility_real stage "
+                                "(dvc repro utility_real)")
+        out[regime] = per_seed
+    return out
 
 
 @app.command()
 def main(
     data: Path = typer.Option(..., help="Prepared real data (output of prepare): train, val and test splits."),
     samples: Path = typer.Option(..., help="Samples folder (output of sample): cohort_matched.npz."),
+    real_runs: Path = typer.Option(..., help="The real-only runs (output of utility_real)."),
     metrics: Path = typer.Option(..., help="Output JSON: test AUC/accuracy per regime (mean, std, per seed), TSTR "
                                            "gap, gains of synthetic images per real fraction, N and steps of each."),
     curve: Path = typer.Option(..., help="Output TSV for dvc plots: AUC/accuracy vs real fraction, ± synthetic."),
     figure: Path = typer.Option(..., help="Output PNG: AUC and accuracy vs real fraction, with error bars."),
     params: Path = params_option(),
-    fractions: list[float] = typer.Option(..., help="Shares of the real train split (stratified); "
-                                                                 "1.0 is always run."),
+    fractions: list[float] = typer.Option(..., help="Shares of the real train split (stratified); 1.0 is always "
+                                          "run."),
     seeds: list[int] = typer.Option(..., help="One run per seed and regime: real subset, weights, batches."),
-    synthetic_fraction: float = typer.Option(..., min=0.0, max=1.0,
-                                             help="Share of the synthetic cohort added to real data (stratified); "
-                                                  "syn_only always uses all of it."),
-    budget: Budget = typer.Option(..., help="Held fixed across training sets: 'steps' (the evaluator's "
-                                                     "optimiser steps) or 'epochs' (classifier.epochs passes)."),
+    synthetic_fraction: float = typer.Option(..., min=0.0, max=1.0, help="Share of the synthetic cohort added to real "
+                                             "data (stratified); syn_only always uses all of it."),
+    budget: Budget = typer.Option(..., help="Held fixed across training sets: 'steps' (the evaluator's optimiser "
+                                  "steps) or 'epochs' (classifier.epochs passes)."),
 ) -> None:
-    """Retrain the evaluator recipe (params section classifier, less seed) on real, synthetic and mixed training sets
-    at several shares of the real train split; select on real val, test on real test; mean ± std over seeds.
+    """Retrain the evaluator recipe (params section classifier, less seed) on synthetic and mixed training sets at
+    several shares of the real train split; select on real val, test on real test; mean ± std over seeds; gains
+    against the real-only runs of utility_real.
 
     Same budget (budget=steps, the default): every run makes the evaluator's number of optimiser steps
     (classifier.epochs passes over the full real train split), rounded to whole epochs of its own set, so small sets
@@ -148,23 +121,16 @@ def main(
     recipe = read_recipe(params)
     real, val, test = (real_images(data, split) for split in ("train", "val", "test"))
     synthetic = load_cohort(samples, real)
-    budget_steps = recipe.epochs * -(-len(real[1]) // recipe.batch_size)
     regimes = plan(fractions)
-    results: dict[Regime, list[dict[str, float]]] = {r: [] for r in regimes}
-    runs = [(r, s) for r in regimes for s in seeds]
-    for regime, seed in tqdm(runs, desc="utility runs"):
-        train = training_set(regime, seed, real, synthetic, synthetic_fraction)
-        epochs = recipe.epochs if budget is Budget.epochs else epochs_for_budget(len(train[1]), recipe.batch_size,
-                                                                                  budget_steps)
-        scores = train_and_test(train, val, test, dataclasses.replace(recipe, epochs=epochs), seed,
-                                f"{regime.name} seed {seed}")
-        typer.echo(f"utility {regime.name} seed={seed} n_train={scores['n_train']} steps={scores['steps']} "
-                   f"test_auc={scores['auc']:.4f} test_accuracy={scores['accuracy']:.4f}", err=True)
-        results[regime].append(scores)
+    mixed = [r for r in regimes if r.synthetic]
+    results = load_real_runs(real_runs, [r for r in regimes if not r.synthetic], seeds)
+    results |= run_regimes(mixed, seeds, real, val, test, synthetic, synthetic_fraction, recipe, budget)
+    results = {r: results[r] for r in regimes}
     summary = summarise(results, seeds)
     out = {k: round(v, 6) if isinstance(v, float) else v for k, v in summary.items()}
     out.update({"n_real_train": len(real[1]), "n_synthetic": len(synthetic[1]), "n_val": len(val[1]),
-                "n_test": len(test[1]), "n_seeds": len(seeds), "budget_steps": budget_steps,
+                "n_test": len(test[1]), "n_seeds": len(seeds), "budget_steps": recipe.epochs * -(-len(real[1])
+                                                                                                // recipe.batch_size),
                 "wall_time_s": round(time.time() - t0, 1)})
     rows = curve_rows(summary, fractions)
     syn = {key: (summary[f"syn_only_{m}_mean"], summary[f"syn_only_{m}_std"]) for key, m in (("auc", "auc"),

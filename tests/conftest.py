@@ -9,10 +9,13 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Sequence
 
 import pytest
 import yaml
+from click.testing import Result
+from typer.testing import CliRunner
 
 # Under pytest-xdist (pyproject.toml: one worker per core), each worker and the stages it starts get their share of
 # the cores, so that N workers do not each start a thread per core. Set before torch is first imported.
@@ -20,7 +23,7 @@ _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 if _WORKERS > 1:
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _WORKERS)))
 
-from pipeline.core.cli import run_stage  # noqa: E402
+from pipeline.core.cli import command_defaults, run_stage  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "tests" / "params_tiny.yaml"
@@ -77,6 +80,13 @@ def run(module: str, args: Sequence[str]) -> int:
     except SystemExit as exc:
         return int(exc.code or 0)
     return 0
+
+
+def invoke_command(module: ModuleType, args: Sequence[str], params: Path) -> Result:
+    """Invoke a user command (generate, edit) in-process with CliRunner, its defaults from ``params`` as
+    ``python -m pipeline.<name> --params params`` sets them (:func:`pipeline.core.cli.command_defaults`)."""
+    argv = [*map(str, args), "--params", str(params)]
+    return CliRunner().invoke(module.app, argv, default_map=command_defaults(module.app, module.SECTION, argv, False))
 
 
 def run_subprocess(module: str, args: Sequence[str], cwd: Path | None = None) -> subprocess.CompletedProcess:
@@ -156,7 +166,7 @@ def pipeline_run(tmp_path_factory: pytest.TempPathFactory, medmnist_root: Path) 
                                      "--cohort-settings", ws / "data/samples/settings.json",
                                      "--metrics", ws / "metrics/counterfactual_baseline.json"]),
         ("sampling_speed", ["--ldm", ws / "models/ldm", "--autoencoder", ws / "models/autoencoder",
-                            "--samples", ws / "data/samples", "--metrics", ws / "metrics/sampling_speed.json"]),
+                            "--cohort-settings", ws / "data/samples/settings.json", "--metrics", ws / "metrics/sampling_speed.json"]),
     ]
     for module, args in steps:
         mod = __import__(f"pipeline.{module}", fromlist=["SECTION"])

@@ -12,9 +12,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from filelock import FileLock
-
 from conftest import REPO, write_params
+from filelock import FileLock
 
 
 def dvc(cwd: Path, *args: str) -> subprocess.CompletedProcess:

@@ -8,9 +8,17 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.classifier import Recipe, binary_metrics, choose_threshold, load_classifier, roc_auc, train_evaluator
-from pipeline.cli import PipelineError
-from pipeline.train_classifier import load_split
+from conftest import default_params
+from pipeline.core.cli import PipelineError
+from pipeline.core.data import real_images
+from pipeline.evaluation.classifier import (
+    Recipe,
+    binary_metrics,
+    choose_threshold,
+    load_classifier,
+    roc_auc,
+    train_evaluator,
+)
 
 METRIC_KEYS = {f"{split}_{m}" for split in ("test", "val") for m in ("auc", "accuracy", "sensitivity", "specificity")}
 
@@ -34,7 +42,7 @@ def test_stage_writes_metrics_curve_and_model(pipeline_run):
 
 def test_reloaded_model_reproduces_the_reported_metrics(pipeline_run):
     folder, data = pipeline_run / "models/classifier", pipeline_run / "data/prepared"
-    images, labels = load_split(data, "test")
+    images, labels = real_images(data, "test")
     assert images.shape == (24, 28, 28) and images.dtype == np.uint8
     evaluator = load_classifier(folder, torch.device("cpu"))
     prob = evaluator.predict_proba(images)
@@ -49,7 +57,7 @@ def test_reloaded_model_reproduces_the_reported_metrics(pipeline_run):
 
 def test_predictions_and_features_depend_on_the_image(pipeline_run):
     evaluator = load_classifier(pipeline_run / "models/classifier", torch.device("cpu"))
-    images, _ = load_split(pipeline_run / "data/prepared", "val")
+    images, _ = real_images(pipeline_run / "data/prepared", "val")
     prob = evaluator.predict_proba(images)
     assert prob.std() > 1e-4 and len(np.unique(prob.round(6))) > 10
     black = evaluator.predict_proba(np.zeros((1, 28, 28), np.uint8))
@@ -107,9 +115,9 @@ def test_recipe_is_seeded_and_selects_on_val():
     rng = np.random.default_rng(0)
     labels = np.repeat([0, 1], 8)
     images = rng.integers(0, 120, (16, 12, 12)).astype(np.uint8) + (labels[:, None, None] * 100).astype(np.uint8)
-    recipe = Recipe.from_params({"widths": [4, 4, 4, 4], "blocks": [1, 1, 1, 1], "input_size": 12, "epochs": 2,
-                                 "batch_size": 8, "seed": 3})
-    assert recipe.widths == (4, 4, 4, 4) and recipe.epochs == 2
+    recipe = Recipe.from_params(default_params()["classifier"] | {"widths": [4, 4, 4, 4], "blocks": [1, 1, 1, 1],
+                                                                 "input_size": 12, "epochs": 2, "batch_size": 8})
+    assert recipe.widths == [4, 4, 4, 4] and recipe.epochs == 2
     runs = [train_evaluator(images, labels, images, labels, recipe, seed=3, device=torch.device("cpu"))
             for _ in range(2)]
     (ev, history, threshold), (ev2, _, _) = runs
@@ -134,7 +142,7 @@ def test_guide_stage_trains_another_network_with_the_evaluators_recipe(pipeline_
     config = json.loads((pipeline_run / "models/guide/config.json").read_text())
     assert config["args"]["block_inplanes"] == params["guide"]["widths"] != params["classifier"]["widths"]
     assert config["role"].startswith("guide")
-    images, _ = load_split(pipeline_run / "data/prepared", "test")
+    images, _ = real_images(pipeline_run / "data/prepared", "test")
     guide, evaluator = (load_classifier(pipeline_run / f"models/{m}") for m in ("guide", "classifier"))
     p_guide, p_eval = guide.predict_proba(images), evaluator.predict_proba(images)
     assert metrics["test_agreement_with_evaluator"] == pytest.approx(
@@ -152,8 +160,7 @@ def test_agreement_counts_the_same_calls():
 
 def test_guide_stage_needs_the_evaluators_whole_recipe(pipeline_run, tmp_path, capsys):
     import yaml
-
-    from conftest import run
+    from conftest import default_params, run
 
     params = yaml.safe_load(pipeline_run.params.read_text())
     del params["classifier"]["epochs"]

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import json
 import math
-from enum import Enum
+from dataclasses import fields, replace
 
 import numpy as np
 import pydicom
 import pytest
 import torch
+import yaml
+from conftest import default_params, invoke_command, run, run_subprocess
 from monai.networks.nets import DiffusionModelUNet
 from monai.networks.schedulers import DDIMScheduler
 from PIL import Image
@@ -18,23 +20,46 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 from typer.testing import CliRunner
 
-from conftest import default_params, run
 from pipeline import edit as edit_cmd
-from pipeline.cli import PipelineError
-from pipeline.counterfactual import DIRECTIONS, select_sources
-from pipeline.data import load_prepared
-from pipeline.diffusion import NULL_CLASS, clip_denoised_latents, guided_output, unet_args
-from pipeline.edit_io import read_image
-from pipeline.classifier import load_classifier
-from pipeline.editing import (CHANGE_SIGMA_OPTION, DEFAULT_STRENGTH, GUIDANCE_REFERENCE_OPTION, GUIDANCE_SCALE_OPTION,
-                              GUIDE_MARGIN_OPTION, GUIDE_STRENGTHS_OPTION, INVERSION_GUIDANCE_OPTION,
-                              INVERSION_LABEL_OPTION, MASK_NOISE_DRAWS_OPTION, MASK_OPTION, MASK_THRESHOLD_OPTION,
-                              METHOD_OPTION, STRENGTH_RULE_OPTION, EditSettings, GuidanceReference, InversionLabel,
-                              Mask, Method, contrast_output, denoise_from, diffedit_mask, edit_at, edit_guided,
-                              edit_images, edit_latents, edit_timesteps, guide_accepts, invert, invert_trajectory,
-                              mask_seeds, model_input, noise_to, similarity, smooth_change, unclamped)
-from pipeline.fid_ref import real_uint8
-from pipeline.sample import Sampler
+from pipeline.core.cli import PipelineError, command_defaults, stage_options
+from pipeline.core.data import load_prepared, real_images
+from pipeline.diffusion.edit import (
+    EditSettings,
+    GuidanceReference,
+    InversionLabel,
+    Mask,
+    Method,
+    denoise_from,
+    diffedit_mask,
+    edit_at,
+    edit_guided,
+    edit_images,
+    edit_latents,
+    edit_timesteps,
+    guide_accepts,
+    invert,
+    invert_trajectory,
+    mask_seeds,
+    model_input,
+    noise_to,
+    smooth_change,
+    unclamped,
+)
+from pipeline.diffusion.guidance import NULL_CLASS, guided_output
+from pipeline.diffusion.networks import unet_args
+from pipeline.diffusion.sampler import Sampler
+from pipeline.diffusion.schedule import clip_denoised_latents
+from pipeline.evaluation.classifier import load_classifier
+from pipeline.evaluation.counterfactual import DIRECTIONS, select_sources, similarity
+from pipeline.formats.images import read_image
+
+
+def edit_settings(strength: float, *args, **overrides) -> EditSettings:
+    """Edit settings at ``strength``: the default params' counterfactual section, with the given fields (positional
+    in :class:`EditSettings` order after ``strength``, or by name) replaced."""
+    names = [f.name for f in fields(EditSettings)][1:]
+    return replace(stage_settings(default_params()["counterfactual"], strength), **dict(zip(names, args)), **overrides)
+
 
 MEASURES = ("flip_rate", "ssim", "psnr_db", "l1", "reversibility_ssim", "composition_ssim")
 
@@ -87,7 +112,7 @@ def test_inversion_ends_where_denoising_starts_and_round_trips_exactly():
     assert (zt - z).abs().mean() > 0.1  # it did go somewhere
 
 
-def test_contrast_guidance_from_the_null_class_is_classifier_free_guidance():
+def test_guidance_from_the_null_class_is_classifier_free_guidance():
     torch.manual_seed(0)
     unet = DiffusionModelUNet(**unet_args(2, [8, 16], [False, True], 1, 8, 8)).eval()
     with torch.no_grad():
@@ -96,12 +121,12 @@ def test_contrast_guidance_from_the_null_class_is_classifier_free_guidance():
                 p.normal_(0, 0.05)
         z, t, y = torch.randn(3, 2, 16, 16), torch.full((3,), 40), torch.tensor([0, 1, 1])
         null = torch.full_like(y, NULL_CLASS)
-        assert torch.allclose(contrast_output(unet, z, t, y, null, 3.0), guided_output(unet, z, t, y, 3.0), atol=1e-5)
+        assert torch.allclose(guided_output(unet, z, t, y, 3.0, reference=null), guided_output(unet, z, t, y, 3.0), atol=1e-5)
         # from the source label, a null edit (target = source) is the plain conditional prediction at any scale
-        assert torch.allclose(contrast_output(unet, z, t, y, y, 5.0), unet(z, timesteps=t, class_labels=y), atol=1e-5)
+        assert torch.allclose(guided_output(unet, z, t, y, 5.0, reference=y), unet(z, timesteps=t, class_labels=y), atol=1e-5)
         w, src = 4.0, 1 - y
         cond, ref = unet(z, timesteps=t, class_labels=y), unet(z, timesteps=t, class_labels=src)
-        assert torch.allclose(contrast_output(unet, z, t, y, src, w), ref + w * (cond - ref), atol=1e-4)
+        assert torch.allclose(guided_output(unet, z, t, y, w, reference=src), ref + w * (cond - ref), atol=1e-4)
 
 
 def test_only_the_denoising_clamps():
@@ -123,7 +148,7 @@ def tiny_sampler(pipeline_run) -> Sampler:
 
 @pytest.fixture(scope="module")
 def test_images(pipeline_run) -> tuple[np.ndarray, np.ndarray]:
-    return real_uint8(pipeline_run / "data/prepared", "test")
+    return real_images(pipeline_run / "data/prepared", "test")
 
 
 def test_model_input_pads_like_prepare(pipeline_run, tiny_sampler, test_images):
@@ -139,9 +164,9 @@ def test_ddim_inversion_round_trip_on_the_trained_model(tiny_sampler, test_image
     y = torch.from_numpy(labels[:8]).long()
     seeds = list(range(8))
     errors = {}
-    for name, settings in {"inversion": EditSettings(0.5, Method.ddim_inversion, InversionLabel.source, 1.0,
+    for name, settings in {"inversion": edit_settings(0.5, Method.ddim_inversion, InversionLabel.source, 1.0,
                                                      inversion_guidance=1.0),
-                           "sdedit": EditSettings(0.5, Method.sdedit, InversionLabel.source, 1.0)}.items():
+                           "sdedit": edit_settings(0.5, Method.sdedit, InversionLabel.source, 1.0)}.items():
         errors[name] = (edit_latents(tiny_sampler, z, y, y, settings, seeds) - z).abs().mean().item()
     errors["random"] = (tiny_sampler.initial_noise(seeds) - z).abs().mean().item()
     scale = z.abs().mean().item()
@@ -157,9 +182,9 @@ def test_guided_inversion_makes_the_null_edit_the_round_trip_of_one_ode(tiny_sam
     z = tiny_sampler.encode(model_input(images[:8], tiny_sampler.pad))
     y = torch.from_numpy(labels[:8]).long()
     seeds = list(range(8))
-    plain = EditSettings(0.5, guidance_scale=7.0, inversion_guidance=1.0)
-    guided = EditSettings(0.5, guidance_scale=7.0, inversion_guidance=7.0)
-    unguided = EditSettings(0.5, guidance_scale=1.0, inversion_guidance=1.0)
+    plain = edit_settings(0.5, guidance_scale=7.0, inversion_guidance=1.0)
+    guided = edit_settings(0.5, guidance_scale=7.0, inversion_guidance=7.0)
+    unguided = edit_settings(0.5, guidance_scale=1.0, inversion_guidance=1.0)
     err = {name: (edit_latents(tiny_sampler, z, y, y, s, seeds) - z).abs().mean().item()
            for name, s in (("plain", plain), ("guided", guided), ("unguided", unguided))}
     assert err["guided"] < 1.25 * err["unguided"], err  # measured 0.0053 vs 0.0054 (plain 0.0195)
@@ -167,14 +192,14 @@ def test_guided_inversion_makes_the_null_edit_the_round_trip_of_one_ode(tiny_sam
     assert not torch.allclose(edit_latents(tiny_sampler, z, y, 1 - y, plain, seeds),
                               edit_latents(tiny_sampler, z, y, 1 - y, guided, seeds))
     with pytest.raises(PipelineError, match="inversion_guidance"):
-        EditSettings(0.5, inversion_guidance=-1.0)
+        edit_settings(0.5, inversion_guidance=-1.0)
 
 
 def test_null_inversion_label_conditions_on_the_null_class(tiny_sampler):
     z = tiny_sampler.initial_noise([0, 1])
     y = torch.tensor([0, 1])
-    a = edit_latents(tiny_sampler, z, y, y, EditSettings(0.3, inversion_label=InversionLabel.unconditional), [0, 1])
-    b = edit_latents(tiny_sampler, z, y, y, EditSettings(0.3), [0, 1])
+    a = edit_latents(tiny_sampler, z, y, y, edit_settings(0.3, inversion_label=InversionLabel.unconditional), [0, 1])
+    b = edit_latents(tiny_sampler, z, y, y, edit_settings(0.3), [0, 1])
     assert not torch.allclose(a, b)
     assert NULL_CLASS == 2
 
@@ -184,10 +209,10 @@ def test_strength_zero_returns_the_source(tiny_sampler, test_images, method):
     images, labels = test_images
     z = tiny_sampler.encode(model_input(images[:3], tiny_sampler.pad))
     y = torch.from_numpy(labels[:3]).long()
-    out = edit_latents(tiny_sampler, z, y, 1 - y, EditSettings(0.0, method, guidance_scale=4.0), [0, 1, 2])
+    out = edit_latents(tiny_sampler, z, y, 1 - y, edit_settings(0.0, method, guidance_scale=4.0), [0, 1, 2])
     assert torch.equal(out, z)
     edited = edit_images(tiny_sampler, images[:3], labels[:3], 1 - labels[:3],
-                         EditSettings(0.0, method, change_sigma=0.0), [0, 1, 2], 2)
+                         edit_settings(0.0, method, change_sigma=0.0), [0, 1, 2], 2)
     assert np.array_equal(edited, tiny_sampler.decode(z))  # the autoencoder round trip, nothing more
 
 
@@ -204,37 +229,33 @@ def test_smooth_change_keeps_broad_changes_and_the_source_detail():
     with pytest.raises(ValueError, match="shape"):
         smooth_change(src, edit[:1], 1.0)
     with pytest.raises(PipelineError, match="change_sigma"):
-        EditSettings(0.5, change_sigma=-1.0)
+        edit_settings(0.5, change_sigma=-1.0)
 
 
 def test_an_edit_with_a_change_sigma_is_the_low_pass_of_the_plain_edit(tiny_sampler, test_images):
     images, labels = test_images[0][:3], test_images[1][:3]
-    plain = edit_images(tiny_sampler, images, labels, 1 - labels, EditSettings(0.4, guidance_scale=3.0,
+    plain = edit_images(tiny_sampler, images, labels, 1 - labels, edit_settings(0.4, guidance_scale=3.0,
                         change_sigma=0.0), [0, 1, 2], 2)
-    smooth = edit_images(tiny_sampler, images, labels, 1 - labels, EditSettings(0.4, guidance_scale=3.0,
+    smooth = edit_images(tiny_sampler, images, labels, 1 - labels, edit_settings(0.4, guidance_scale=3.0,
                          change_sigma=1.5), [0, 1, 2], 2)
     assert np.array_equal(smooth, smooth_change(images, plain, 1.5))
     assert not np.array_equal(smooth, plain)
 
 
-def test_edit_command_defaults_are_the_stage_params():
+def test_edit_command_defaults_are_the_stage_params(tmp_path):
     cf = default_params()["counterfactual"]
-    assert DEFAULT_STRENGTH == {"pneumonia": cf["strength_to_pneumonia"], "normal": cf["strength_to_normal"]}
-    options = {"method": METHOD_OPTION, "inversion_label": INVERSION_LABEL_OPTION,
-               "guidance_scale": GUIDANCE_SCALE_OPTION, "guidance_reference": GUIDANCE_REFERENCE_OPTION,
-               "mask": MASK_OPTION, "mask_threshold": MASK_THRESHOLD_OPTION,
-               "mask_noise_draws": MASK_NOISE_DRAWS_OPTION, "inversion_guidance": INVERSION_GUIDANCE_OPTION,
-               "change_sigma": CHANGE_SIGMA_OPTION, "strength_rule": STRENGTH_RULE_OPTION,
-               "guide_strengths": GUIDE_STRENGTHS_OPTION, "guide_margin": GUIDE_MARGIN_OPTION}
-    for name, option in options.items():  # the edit command's defaults are the stage's
-        default = option.default.value if isinstance(option.default, Enum) else option.default
-        assert default == cf[name], name
-    library = EditSettings(0.0)  # a library call edits as the stage does
-    assert (library.method.value, library.inversion_label.value, library.guidance_scale, library.inversion_guidance,
-            library.guidance_reference.value, library.mask.value, library.mask_threshold, library.mask_noise_draws,
-            library.change_sigma) == (
-        cf["method"], cf["inversion_label"], cf["guidance_scale"], cf["inversion_guidance"], cf["guidance_reference"],
-        cf["mask"], cf["mask_threshold"], cf["mask_noise_draws"], cf["change_sigma"])
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(default_params()))
+    defaults = command_defaults(edit_cmd.app, edit_cmd.SECTION, ["--params", str(params)], False)
+    shared = set(stage_options(edit_cmd.app)) & set(cf)
+    assert {"method", "strength_rule", "guide_strengths", "guidance_scale", "num_inference_steps", "seed"} <= shared
+    assert defaults == {k: cf[k] for k in shared}  # every edit option named like a stage key defaults to its value
+    help_text = run_subprocess("edit", ["--help", "--params", str(params)]).stdout
+    assert "default: guided" in help_text.replace("[", "").replace("]", "")  # --help shows the params value
+    missing = tmp_path / "none.yaml"  # no params file: the options are required, with click's usual message
+    result = CliRunner().invoke(edit_cmd.app, ["--image", str(params), "--target", "normal", "--out", str(tmp_path),
+                                               "--params", str(missing)])
+    assert result.exit_code != 0 and "Missing option" in result.output
 
 
 def test_guide_accepts_a_clear_call_of_the_target_only():
@@ -252,12 +273,12 @@ def test_edit_guided_stops_each_image_at_the_first_strength_the_guide_accepts(pi
                                                                             test_images):
     images, labels = test_images[0][:4], test_images[1][:4]
     guide = load_classifier(pipeline_run / "models/guide")
-    settings, seeds, grid = EditSettings(0.0, guidance_scale=3.0), [5, 6, 7, 8], [0.6, 0.2, 0.4, 0.8]
+    settings, seeds, grid = edit_settings(0.0, guidance_scale=3.0), [5, 6, 7, 8], [0.6, 0.2, 0.4, 0.8]
     out, chosen = edit_guided(tiny_sampler, images, labels, 1 - labels, settings, grid, guide, 0.0, seeds, 3)
     assert set(chosen.tolist()) <= set(grid)
     for i in range(len(images)):
         at = {s: edit_images(tiny_sampler, images[i:i + 1], labels[i:i + 1], 1 - labels[i:i + 1],
-                             EditSettings(s, guidance_scale=3.0), seeds[i:i + 1], 1) for s in sorted(grid)}
+                             edit_settings(s, guidance_scale=3.0), seeds[i:i + 1], 1) for s in sorted(grid)}
         assert np.array_equal(out[i], at[chosen[i]][0])  # the edit at its strength, nothing else
         accepted = {s: bool(guide_accepts(guide.predict_proba(e), guide.threshold, 1 - labels[i:i + 1], 0.0)[0])
                     for s, e in at.items()}
@@ -269,11 +290,11 @@ def test_edit_guided_stops_each_image_at_the_first_strength_the_guide_accepts(pi
 
 def test_edit_at_gives_each_image_its_own_strength(tiny_sampler, test_images):
     images, labels = test_images[0][:4], test_images[1][:4]
-    settings, seeds, strengths = EditSettings(0.0, guidance_scale=3.0), [5, 6, 7, 8], np.array([0.2, 0.5, 0.2, 0.5])
+    settings, seeds, strengths = edit_settings(0.0, guidance_scale=3.0), [5, 6, 7, 8], np.array([0.2, 0.5, 0.2, 0.5])
     out = edit_at(tiny_sampler, images, labels, 1 - labels, settings, strengths, seeds, 3)
     for s in (0.2, 0.5):
         i = np.flatnonzero(strengths == s)
-        alone = edit_images(tiny_sampler, images[i], labels[i], 1 - labels[i], EditSettings(s, guidance_scale=3.0),
+        alone = edit_images(tiny_sampler, images[i], labels[i], 1 - labels[i], edit_settings(s, guidance_scale=3.0),
                             [seeds[k] for k in i], 3)
         assert np.array_equal(out[i], alone)
     assert not np.array_equal(out[:1], out[1:2])
@@ -291,7 +312,7 @@ def test_without_a_mask_an_edit_is_inversion_then_guided_denoising_bitwise(tiny_
     # denoise under the target
     z, y = source_latents
     seeds = [0, 1, 2, 3]
-    settings = EditSettings(0.4, method, guidance_scale=3.0)
+    settings = edit_settings(0.4, method, guidance_scale=3.0)
     ts = edit_timesteps(tiny_sampler.scheduler, 0.4)
     if method == Method.sdedit:
         zt = noise_to(tiny_sampler.scheduler, z, tiny_sampler.initial_noise(seeds), ts[-1])
@@ -326,7 +347,7 @@ def test_a_masked_edit_keeps_the_source_latent_outside_the_mask(tiny_sampler, so
     """DiffEdit: after every step the outside of the mask is the inversion's latent, so the edit ends there as the
     source latent itself, while the inside changes."""
     z, y = source_latents
-    seeds, settings = [0, 1, 2, 3], EditSettings(0.5, guidance_scale=4.0, mask=Mask.diffedit, mask_threshold=0.5)
+    seeds, settings = [0, 1, 2, 3], edit_settings(0.5, guidance_scale=4.0, mask=Mask.diffedit, mask_threshold=0.5)
     ts = edit_timesteps(tiny_sampler.scheduler, 0.5)
     noises = [tiny_sampler.initial_noise(mask_seeds(seeds, d)) for d in range(settings.mask_noise_draws)]
     m = diffedit_mask(tiny_sampler.unet, tiny_sampler.scheduler, z, y, 1 - y, ts[-1], noises, 0.5).bool()
@@ -334,7 +355,7 @@ def test_a_masked_edit_keeps_the_source_latent_outside_the_mask(tiny_sampler, so
     out = edit_latents(tiny_sampler, z, y, 1 - y, settings, seeds)
     outside, inside = ~m.expand_as(z), m.expand_as(z)
     assert torch.equal(out[outside], z[outside])
-    unmasked = edit_latents(tiny_sampler, z, y, 1 - y, EditSettings(0.5, guidance_scale=4.0), seeds)
+    unmasked = edit_latents(tiny_sampler, z, y, 1 - y, edit_settings(0.5, guidance_scale=4.0), seeds)
     assert (out[inside] - z[inside]).abs().mean() > 0.1 * (unmasked - z).abs().mean()
     # and at every step: a stand-in U-Net, a half mask, a given trajectory
     unet = ConstantEps(torch.ones(1, 2, 4, 4))
@@ -350,12 +371,12 @@ def test_a_masked_edit_keeps_the_source_latent_outside_the_mask(tiny_sampler, so
 @pytest.mark.parametrize("kwargs", [{"mask_threshold": 1.5}, {"mask_threshold": -0.1}, {"mask_noise_draws": 0}])
 def test_edit_settings_reject_bad_mask_options(kwargs):
     with pytest.raises(PipelineError, match="mask"):
-        EditSettings(0.5, mask=Mask.diffedit, **kwargs)
+        edit_settings(0.5, mask=Mask.diffedit, **kwargs)
 
 
 def test_edits_do_not_depend_on_the_batch_size(tiny_sampler, test_images):
     images, labels = test_images
-    settings = EditSettings(0.4, Method.sdedit, guidance_scale=2.0)
+    settings = edit_settings(0.4, Method.sdedit, guidance_scale=2.0)
     a = edit_images(tiny_sampler, images[:4], labels[:4], 1 - labels[:4], settings, [5, 6, 7, 8], 4)
     b = edit_images(tiny_sampler, images[:4], labels[:4], 1 - labels[:4], settings, [5, 6, 7, 8], 1)
     assert np.abs(a.astype(int) - b.astype(int)).max() <= 1
@@ -460,7 +481,7 @@ def test_stage_arrays_and_figures(pipeline_run):
     for key in ("edits", "reversed", "null_edits"):
         assert arrays[key].shape == arrays["sources"].shape == (n, 28, 28) and arrays[key].dtype == np.uint8
     assert np.array_equal(arrays["target_labels"], 1 - arrays["source_labels"])
-    images, labels = real_uint8(pipeline_run / "data/prepared", "test")
+    images, labels = real_images(pipeline_run / "data/prepared", "test")
     assert np.array_equal(images[arrays["test_index"]], arrays["sources"])
     assert np.array_equal(labels[arrays["test_index"]], arrays["source_labels"])
     for name in ("counterfactual_sweep.png", "counterfactual_frontier.png", "counterfactual_panels.png"):
@@ -484,7 +505,7 @@ def test_stage_on_val_edits_val_images(pipeline_run, tmp_path, capsys):
     with np.load(tmp_path / "cf.npz") as z:
         index, sources, src, edits, seeds, chosen = (z["test_index"], z["sources"], z["source_labels"], z["edits"],
                                                      z["seeds"].tolist(), z["strengths"])
-    images, labels = real_uint8(ws / "data/prepared", "val")
+    images, labels = real_images(ws / "data/prepared", "val")
     assert np.array_equal(images[index], sources) and np.bincount(labels[index]).tolist() == [2, 2]
     import yaml
 
@@ -515,43 +536,42 @@ def model_args(ws) -> list[str]:
 
 def test_edit_command_on_a_png_matches_the_library(pipeline_run, test_images, tmp_path):
     images, labels = test_images
+    cf = yaml.safe_load(pipeline_run.params.read_text())["counterfactual"]
     k = int(np.flatnonzero(labels == 0)[0])
     Image.fromarray(images[k], mode="L").save(tmp_path / "child.png")
-    result = CliRunner().invoke(edit_cmd.app, ["--image", str(tmp_path / "child.png"), "--target", "pneumonia",
+    result = invoke_command(edit_cmd, ["--image", str(tmp_path / "child.png"), "--target", "pneumonia",
                                                "--strength", "0.5", "--out", str(tmp_path / "out"),
-                                               *model_args(pipeline_run)])
+                                               *model_args(pipeline_run)], pipeline_run.params)
     assert result.exit_code == 0, result.output
     with Image.open(tmp_path / "out/child_to_pneumonia.png") as img:
         out = np.asarray(img)
     assert out.shape == (28, 28)
     sampler = Sampler(pipeline_run / "models/ldm", pipeline_run / "models/autoencoder", 10, torch.device("cpu"),
-                      clip_denoised=0.0)  # the command's default --clip-denoised
-    expected = edit_images(sampler, images[k:k + 1], np.array([0]), np.array([1]),
-                           EditSettings(0.5, guidance_scale=GUIDANCE_SCALE_OPTION.default,
-                                        inversion_guidance=INVERSION_GUIDANCE_OPTION.default), [0], 1)  # its defaults
+                      clip_denoised=cf["clip_denoised"])  # the command's defaults: the params section's
+    expected = edit_images(sampler, images[k:k + 1], np.array([0]), np.array([1]), stage_settings(cf, 0.5),
+                           [cf["seed"]], 1)
     assert np.abs(out.astype(int) - expected[0].astype(int)).max() <= 1
     assert (tmp_path / "out/child_to_pneumonia_difference.png").is_file()
 
 
 def test_edit_command_guides_the_strength_by_default(pipeline_run, test_images, tmp_path):
     images, labels = test_images
+    cf = yaml.safe_load(pipeline_run.params.read_text())["counterfactual"]
     k = int(np.flatnonzero(labels == 1)[0])
     Image.fromarray(images[k], mode="L").save(tmp_path / "child.png")
     args = ["--image", str(tmp_path / "child.png"), "--target", "normal", "--out", str(tmp_path / "out"),
             "--guide-margin", "0.1", *model_args(pipeline_run)]
-    result = CliRunner().invoke(edit_cmd.app, args)
+    result = invoke_command(edit_cmd, args, pipeline_run.params)
     assert result.exit_code == 0, result.output
     with Image.open(tmp_path / "out/child_to_normal.png") as img:
         out = np.asarray(img)
     sampler = Sampler(pipeline_run / "models/ldm", pipeline_run / "models/autoencoder", 10, torch.device("cpu"),
-                      clip_denoised=0.0)
-    expected, _ = edit_guided(sampler, images[k:k + 1], np.array([1]), np.array([0]),
-                              EditSettings(0.0, guidance_scale=GUIDANCE_SCALE_OPTION.default,
-                                           inversion_guidance=INVERSION_GUIDANCE_OPTION.default),
-                              GUIDE_STRENGTHS_OPTION.default, load_classifier(pipeline_run / "models/guide"), 0.1,
-                              [0], 1)
+                      clip_denoised=cf["clip_denoised"])
+    expected, _ = edit_guided(sampler, images[k:k + 1], np.array([1]), np.array([0]), stage_settings(cf, 0.0),
+                              cf["guide_strengths"], load_classifier(pipeline_run / "models/guide"), 0.1,
+                              [cf["seed"]], 1)
     assert np.abs(out.astype(int) - expected[0].astype(int)).max() <= 1
-    missing = CliRunner().invoke(edit_cmd.app, args + ["--guide", str(tmp_path / "nowhere")])
+    missing = invoke_command(edit_cmd, args + ["--guide", str(tmp_path / "nowhere")], pipeline_run.params)
     assert isinstance(missing.exception, PipelineError) and "nowhere" in str(missing.exception)
 
 
@@ -580,8 +600,8 @@ def make_dicom(path, photometric: str = "MONOCHROME2", rows: int = 64, cols: int
 
 def test_edit_command_on_a_dicom_keeps_geometry_and_marks_it_derived(pipeline_run, tmp_path):
     source = make_dicom(tmp_path / "xray.dcm")
-    result = CliRunner().invoke(edit_cmd.app, ["--image", str(tmp_path / "xray.dcm"), "--target", "pneumonia",
-                                               "--out", str(tmp_path / "out"), *model_args(pipeline_run)])
+    result = invoke_command(edit_cmd, ["--image", str(tmp_path / "xray.dcm"), "--target", "pneumonia",
+                                               "--out", str(tmp_path / "out"), *model_args(pipeline_run)], pipeline_run.params)
     assert result.exit_code == 0, result.output
     ds = pydicom.dcmread(tmp_path / "out/xray_to_pneumonia.dcm")
     assert (ds.Rows, ds.Columns) == (64, 80) and ds.pixel_array.shape == (64, 80)
@@ -608,8 +628,8 @@ def test_monochrome1_is_inverted_on_reading(tmp_path):
 
 def test_edit_command_rejects_a_file_that_is_no_image(pipeline_run, tmp_path):
     (tmp_path / "notes.png").write_text("not an image")
-    result = CliRunner().invoke(edit_cmd.app, ["--image", str(tmp_path / "notes.png"), "--target", "normal",
-                                               "--out", str(tmp_path / "out"), *model_args(pipeline_run)])
+    result = invoke_command(edit_cmd, ["--image", str(tmp_path / "notes.png"), "--target", "normal",
+                                               "--out", str(tmp_path / "out"), *model_args(pipeline_run)], pipeline_run.params)
     assert isinstance(result.exception, PipelineError) and "notes.png" in str(result.exception)
 
 

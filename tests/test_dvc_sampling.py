@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from dvc_project import downstream, dvc, project_copy, ran_stages, restore, stale_stages
-from pipeline.guidance_sweep import SAMPLER_KEYS
+
+from pipeline.guidance_sweep import EXTRA_PARAMS as SWEEP_PARAMS
 
 
 @pytest.fixture(scope="module")
@@ -27,14 +27,15 @@ def test_sampling_params_never_retrain(project, key, value):
     params["ldm"][key] = value
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     # the guidance sweep samples as the cohorts do, so it follows their sampler settings (not guidance, its axis)
-    follows = {"guidance_sweep"} if key in SAMPLER_KEYS else set()
+    follows = {"guidance_sweep"} if key in SWEEP_PARAMS["ldm"] else set()
     try:
-        assert stale_stages(project) == {"sample"} | follows
+        # check_params (seconds) checks every params change before the run
+        assert stale_stages(project) == {"check_params", "sample"} | follows
         if key == "guidance_scale":  # run it for real once: only sample and fid run
             out = dvc(project, "repro").stdout
             assert "'train_ldm' didn't change" in out or "train_ldm" not in out
             ran = ran_stages(out)
-            assert ran == downstream(project, "sample") and {"sample", "fid", "sampling_speed"} <= ran
+            assert ran == downstream(project, "sample") | {"check_params"} and {"sample", "fid", "sampling_speed"} <= ran
             assert not ran & {"train_autoencoder", "encode_latents", "tune", "train_ldm", "train_classifier"}
             diff = json.loads(dvc(project, "metrics", "diff", "--all", "--json").stdout)["metrics/fid.json"]
             for key in ("fid_inception_vs_train_n24", "kid_inception_vs_train_n24_mean",

@@ -6,7 +6,6 @@ import urllib.error
 from pathlib import Path
 
 import pytest
-
 from conftest import run, run_subprocess, write_params
 
 

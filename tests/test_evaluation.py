@@ -11,8 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.compute_fid import label_fidelity, matched_subset
-from pipeline.quality import kid, prdc
+from pipeline.evaluation.quality import kid, label_fidelity, matched_subset, prdc
 
 REPO = Path(__file__).resolve().parents[1]
 

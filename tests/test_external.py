@@ -11,13 +11,23 @@ import numpy as np
 import pandas as pd
 import pydicom
 import pytest
+from conftest import run, write_params
 from PIL import Image
 from pydicom.data import get_testdata_file
-
-from conftest import run, write_params
-from pipeline.external import (COUNT_KEYS, SKIP_REASONS, SkipFile, center_square, classify_findings, load_external,
-                               preprocess, read_dicom, read_label_table, resize)
 from vindr_fixture import READABLE, phantom, write_vindr_fixture
+
+from pipeline.formats.external import (
+    COUNT_KEYS,
+    SKIP_REASONS,
+    SkipFile,
+    center_square,
+    classify_findings,
+    load_external,
+    preprocess,
+    read_dicom,
+    read_label_table,
+    resize,
+)
 
 SPLITS = ["train", "test"]
 

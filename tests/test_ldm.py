@@ -11,14 +11,21 @@ import torch
 from monai.networks.nets import DiffusionModelUNet
 from torch.optim.swa_utils import AveragedModel
 
-from pipeline.artifacts import load_model
-from pipeline.cli import PipelineError
-from pipeline.diffusion import (NULL_CLASS, ddim_step, drop_labels, from_model_space, guided_output,
-                                latent_normalizer, make_ddim, make_ddpm, scheduler_args, snr_weights, to_model_space,
-                                unet_args)
-from pipeline.models import REGISTRY, pick_device
-from pipeline.sample import CLASS_MEANS_FILE, Sampler, class_mean_latents
-from pipeline.train_ldm import diffusion_loss, ema_avg_fn
+from pipeline.core.artifacts import load_model
+from pipeline.core.cli import PipelineError
+from pipeline.core.runtime import pick_device
+from pipeline.diffusion.guidance import NULL_CLASS, drop_labels, guided_output
+from pipeline.diffusion.latents import (
+    CLASS_MEANS_FILE,
+    class_mean_latents,
+    from_model_space,
+    latent_normalizer,
+    to_model_space,
+)
+from pipeline.diffusion.networks import REGISTRY, unet_args
+from pipeline.diffusion.sampler import Sampler
+from pipeline.diffusion.schedule import ddim_step, make_ddim, make_ddpm, scheduler_args, snr_weights
+from pipeline.diffusion.training import diffusion_loss, ema_avg_fn
 
 
 @pytest.fixture(scope="module")
@@ -372,6 +379,7 @@ def test_generate_defaults_are_the_cohort_sampler_params():
     import inspect
 
     from conftest import default_params
+
     from pipeline.generate import app
 
     ldm = default_params()["ldm"]

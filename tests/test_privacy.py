@@ -9,13 +9,22 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import run
-from pipeline.artifacts import save_npz
-from pipeline.cli import PipelineError
-from pipeline.fid_ref import real_uint8
-from pipeline.memorization import (distance_ratio, msssim, msssim_of_pairs, near_copy_mask, nearest_two, quantiles,
-                                   random_pairs, unique_indices, unit_pixels)
+
+from pipeline.core.artifacts import save_npz
+from pipeline.core.cli import PipelineError
+from pipeline.core.data import real_images
+from pipeline.evaluation.privacy import (
+    distance_ratio,
+    msssim,
+    msssim_of_pairs,
+    near_copy_mask,
+    nearest_two,
+    quantiles,
+    random_pairs,
+    unique_indices,
+    unit_pixels,
+)
 from pipeline.privacy import load_cohort
 
 
@@ -128,7 +137,7 @@ def plant_copies(ws, tmp: Path, which: list[int]) -> tuple[Path, Path]:
         images, labels = z["images"].copy(), z["labels"]
     with np.load(ws / "data/sample_features.npz") as z:
         feats = z["features"].copy()
-    train, train_labels = real_uint8(ws / "data/prepared", "train")
+    train, train_labels = real_images(ws / "data/prepared", "train")
     with np.load(ws / "data/fid_ref/train.npz") as z:
         train_feats = z["features"]
     for t, i in enumerate(which):

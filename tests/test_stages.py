@@ -8,9 +8,9 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from pipeline.artifacts import load_model
-from pipeline.data import crop, load_prepared, read_meta
-from pipeline.models import REGISTRY, encode_mean
+from pipeline.core.artifacts import load_model
+from pipeline.core.data import crop, load_prepared, read_meta
+from pipeline.diffusion.networks import REGISTRY, encode_mean
 
 
 def test_prepare_writes_padded_shards_and_metrics(pipeline_run):

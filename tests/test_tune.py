@@ -13,11 +13,12 @@ import threading
 import optuna
 import pytest
 import yaml
-
 from conftest import REPO, run, run_subprocess, write_params
-from pipeline import tuning
-from pipeline.train_ldm import NonFiniteLoss
-from pipeline.tuning import SEARCHED, create_study, open_storage, run_worker, summary
+
+from pipeline.diffusion import tune as tuning
+from pipeline.diffusion.training import NonFiniteLoss
+from pipeline.diffusion.tune import SEARCHED, create_study, open_storage, run_worker, summary
+
 
 def tune_args(ws, out, params) -> list:
     """Arguments of the tune stage writing to folder ``out`` and files beside it."""

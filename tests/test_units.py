@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
-
 from pathlib import Path
 from typing import Optional
 
@@ -12,11 +12,12 @@ import pytest
 import torch
 import typer
 
-from pipeline.artifacts import atomic_outputs, write_json
-from pipeline.cli import PipelineError, keep_freed_memory, load_section, read_keys
-from pipeline.data import crop, pad_amounts, pad_images, to_uint8
-from pipeline.fid import fid_from_features, frechet_distance
-from pipeline.models import kl_loss
+from pipeline.core.artifacts import atomic_outputs, write_json
+from pipeline.core.cli import PipelineError, load_section, read_keys
+from pipeline.core.data import crop, pad_amounts, pad_images, to_uint8
+from pipeline.core.runtime import keep_freed_memory
+from pipeline.diffusion.networks import kl_loss
+from pipeline.evaluation.fid import fid_from_features, frechet_distance
 from pipeline.prepare import subsample
 
 
@@ -73,7 +74,7 @@ def test_fid_matches_torchmetrics_on_the_same_features():
 def test_fid_low_sample_path_equals_the_matrix_square_root():
     rng = np.random.default_rng(1)
     a, b = rng.normal(size=(20, 64)), rng.normal(0.2, 1.1, size=(30, 64)) @ rng.normal(size=(64, 64)) / 8
-    from pipeline.fid import gaussian_stats
+    from pipeline.evaluation.fid import gaussian_stats
 
     exact = frechet_distance(*gaussian_stats(a), *gaussian_stats(b))
     assert fid_from_features(a, b) == pytest.approx(exact, rel=1e-6, abs=1e-6)
@@ -91,10 +92,17 @@ def _app():
     return app
 
 
-@pytest.mark.parametrize("values", [{"size": 3, "lr": 1, "flag": True, "name": "y", "channels": [1, 2], "limit": None},
-                                    {"limit": 5, "lr": 0.5}])
+FULL = {"size": 3, "lr": 1, "flag": True, "name": "y", "channels": [1, 2], "limit": None}
+
+
+@pytest.mark.parametrize("values", [FULL, FULL | {"limit": 5, "lr": 0.5}])
 def test_load_section_accepts_well_typed_values(values):
     assert load_section({"s": values}, "s", [_app()]) == values
+
+
+def test_load_section_wants_every_key_of_the_stage():
+    with pytest.raises(PipelineError, match=re.escape("params key(s) s.limit, s.name missing")):
+        load_section({"s": {k: v for k, v in FULL.items() if k not in ("limit", "name")}}, "s", [_app()])
 
 
 @pytest.mark.parametrize("values,message", [
@@ -104,12 +112,12 @@ def test_load_section_accepts_well_typed_values(values):
     ({"flag": 1}, "'s.flag' must be true or false"),
     ({"channels": 3}, "'s.channels' must be a list"),
     ({"limit": "all"}, "'s.limit' must be an integer or null"),
-    ({"out": "x"}, "unknown params key(s) s.out"),
-    ({"sise": 28}, "unknown params key(s) s.sise"),
+    ({"out": "x"}, "unknown params key(s) 's.out'; known keys of 's': channels, flag, limit, lr, name, size"),
+    ({"sise": 28}, "unknown params key(s) 's.sise' (did you mean 's.size'?)"),
 ])
 def test_load_section_rejects_bad_values(values, message):
     with pytest.raises(PipelineError, match=re.escape(message)):
-        load_section({"s": values}, "s", [_app()])
+        load_section({"s": FULL | values}, "s", [_app()])
 
 
 def test_load_section_missing_section():
@@ -117,15 +125,22 @@ def test_load_section_missing_section():
         load_section({}, "s", [_app()])
 
 
+@dataclasses.dataclass
+class Schema:
+    size: int
+    lr: float
+    flag: bool
+
+
 def test_read_keys_takes_another_sections_keys_type_checked(tmp_path):
     params = tmp_path / "params.yaml"
     params.write_text("s:\n  size: 3\n  lr: 0.5\n  other_stage_key: 1\n")
-    assert read_keys(params, "s", ["size", "lr"], [_app()], "reader") == {"size": 3, "lr": 0.5}
+    assert read_keys(params, "s", Schema, "reader", ["size", "lr"]) == {"size": 3, "lr": 0.5}
     with pytest.raises(PipelineError, match=re.escape("lacks s.flag (the reader stage reads them)")):
-        read_keys(params, "s", ["size", "flag"], [_app()], "reader")
+        read_keys(params, "s", Schema, "reader")
     params.write_text("s:\n  size: 2.5\n")
     with pytest.raises(PipelineError, match=re.escape("'s.size' must be an integer")):
-        read_keys(params, "s", ["size"], [_app()], "reader")
+        read_keys(params, "s", Schema, "reader", ["size"])
 
 
 def test_keep_freed_memory_applies_on_glibc():

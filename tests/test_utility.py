@@ -9,14 +9,22 @@ import math
 import numpy as np
 import pytest
 import yaml
-
 from conftest import run
-from pipeline.artifacts import save_npz
-from pipeline.classifier import Recipe
-from pipeline.cli import PipelineError
-from pipeline.fid_ref import real_uint8
-from pipeline.low_data import Regime, epochs_for_budget, mean_std, plan, stratified_subset, summarise
-from pipeline.utility import load_cohort, read_recipe, training_set
+
+from pipeline.core.artifacts import save_npz
+from pipeline.core.cli import PipelineError
+from pipeline.core.data import real_images
+from pipeline.evaluation.classifier import Recipe
+from pipeline.evaluation.utility import (
+    Regime,
+    epochs_for_budget,
+    mean_std,
+    plan,
+    stratified_subset,
+    summarise,
+    training_set,
+)
+from pipeline.utility import load_cohort, read_recipe
 
 REAL_TRAIN_COUNTS = (1214, 3494)  # PneumoniaMNIST train split: normal, pneumonia
 
@@ -177,7 +185,7 @@ def test_same_seed_gives_the_same_runs(utility_run, pipeline_run, tmp_path):
 
 
 def test_stage_refuses_a_mismatched_cohort(pipeline_run, tmp_path, capsys):
-    images, labels = real_uint8(pipeline_run / "data/prepared", "train")
+    images, labels = real_images(pipeline_run / "data/prepared", "train")
     (tmp_path / "samples").mkdir()
     save_npz(tmp_path / "samples/cohort_matched.npz", images=images[:20], labels=labels[:20])
     capsys.readouterr()

@@ -19,8 +19,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import (BasicTextSRStorage, DigitalXRayImageStorageForPresentation, ExplicitVRLittleEndian,
-                         JPEG2000Lossless, RLELossless, generate_uid)
+from pydicom.uid import (
+    BasicTextSRStorage,
+    DigitalXRayImageStorageForPresentation,
+    ExplicitVRLittleEndian,
+    JPEG2000Lossless,
+    RLELossless,
+    generate_uid,
+)
 
 FINDINGS = ["No finding", "Bronchitis", "Pneumonia", "Bronchiolitis", "Other disease"]
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import typer
+import typer.main
 import yaml
 
 __all__ = ["PipelineError", "PARAMS_OPTION", "stage_options", "read_params", "load_section", "check_keys",
@@ -196,7 +197,7 @@ def read_keys(params: Path, section: str, schema: type, reader: str,
     return {k: values[k] for k in keys}
 
 
-def _default_map(app: typer.Typer, section: str | None, argv: Sequence[str], strict: bool) -> dict[str, Any]:
+def command_defaults(app: typer.Typer, section: str | None, argv: Sequence[str], strict: bool) -> dict[str, Any]:
     """The command's option values from its params section: every option a key of the section sets."""
     path = _params_path(argv)
     if section is None or (not strict and not path.is_file()):
@@ -215,7 +216,12 @@ def _run(app: typer.Typer, section: str | None, argv: Sequence[str], strict: boo
     prepare_process()
     prog = f"python -m pipeline.{Path(sys.argv[0]).stem}"
     try:
-        app(args=list(argv), default_map=_default_map(app, section, argv, strict), prog_name=prog)
+        defaults = command_defaults(app, section, argv, strict)
+        command = typer.main.get_command(app)
+        for param in command.params:  # a value from params.yaml is a default: --help must not call it required
+            if param.name in defaults:
+                param.required = False
+        command(args=list(argv), default_map=defaults, prog_name=prog)
     except PipelineError as exc:
         typer.echo(f"error: {exc}", err=True)
         sys.exit(exc.exit_code)

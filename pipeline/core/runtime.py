@@ -12,13 +12,15 @@ import signal
 import sys
 import threading
 import time
+from concurrent.futures import ProcessPoolExecutor
 from functools import lru_cache
-from typing import Iterator
+from multiprocessing import get_context
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
 __all__ = ["pick_device", "keep_freed_memory", "die_with_parent", "prepare_process", "cpu_has_bf16",
-           "autocast", "fast_matmul_dtype", "cpu_model"]
+           "autocast", "fast_matmul_dtype", "cpu_model", "parallel_map"]
 
 PRECISION_ENV = "CXR_PRECISION"
 """``fp32`` forces float32 everywhere; ``auto`` (default) uses bfloat16 autocast where :func:`cpu_has_bf16`."""
@@ -138,3 +140,31 @@ def autocast(device: torch.device, enabled: bool = True) -> Iterator[None]:
     dtype = fast_matmul_dtype(device) if enabled else None
     with torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
         yield
+
+
+def _worker_init(threads: int) -> None:
+    prepare_process()
+    torch.set_num_threads(threads)
+
+
+def parallel_map(fn: Callable[..., Any], jobs: Sequence[tuple], workers: int | None = None) -> list[Any]:
+    """``[fn(*job) for job in jobs]``, the jobs spread over worker processes that share the CPU cores.
+
+    Small networks use one core far better than two: two trainings side by side, a thread each, finish sooner than
+    one after the other on two threads (measured: the evaluator's training step 27 ms on 2 threads, 44 ms on 1, so
+    two at once make 22 ms per step). Each job runs on ``cpu_count // workers`` threads whatever the worker, so its
+    result does not depend on how the jobs are spread; workers die with the stage (:func:`die_with_parent`).
+
+    Args:
+        fn: a module-level function (it is pickled to the workers).
+        jobs: the argument tuples, one per call.
+        workers: processes (default: one per CPU core, at most one per job); 1 runs in this process.
+    """
+    cores = os.cpu_count() or 1
+    workers = max(1, min(workers or cores, len(jobs)))
+    threads = max(1, cores // workers)
+    if workers == 1 or pick_device().type == "cuda":  # one GPU is not shared by processes here
+        return [fn(*job) for job in jobs]
+    with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_worker_init,
+                             initargs=(threads,)) as pool:
+        return list(pool.map(fn, *zip(*jobs)))

@@ -9,6 +9,7 @@ import torch
 from monai.losses import PatchAdversarialLoss
 from monai.networks.nets import AutoencoderKL, PatchDiscriminator
 
+from pipeline.core.optim import one_cycle
 from pipeline.diffusion.networks import batched, kl_loss
 
 __all__ = ["Trainer", "val_l1"]
@@ -21,8 +22,7 @@ class Trainer:
                  disc_channels: int, device: torch.device) -> None:
         self.ae, self.kl_weight, self.adv_weight, self.device = ae.to(device), kl_weight, adv_weight, device
         self.opt = torch.optim.AdamW(ae.parameters(), lr=lr, weight_decay=0.0)
-        self.sched = torch.optim.lr_scheduler.OneCycleLR(self.opt, max_lr=lr, total_steps=max(total_steps, 1),
-                                                         pct_start=0.05)
+        self.sched = one_cycle(self.opt, lr, total_steps, 0.05)
         self.disc = PatchDiscriminator(spatial_dims=2, num_layers_d=2, channels=disc_channels, in_channels=1,
                                        out_channels=1).to(device) if adv_weight > 0 else None
         self.opt_d = torch.optim.AdamW(self.disc.parameters(), lr=lr) if self.disc is not None else None
@@ -31,7 +31,7 @@ class Trainer:
     def step(self, x: torch.Tensor, use_adv: bool) -> dict[str, float]:
         """One optimisation step on batch ``x``; returns its loss terms."""
         self.ae.train()
-        recon, z_mu, z_sigma = self.ae(x)
+        recon, z_mu, z_sigma = self.ae(x)  # float32: bf16 would round the decoder's output by ~1 grey level
         l1 = (recon - x).abs().mean()
         kl = kl_loss(z_mu, z_sigma)
         loss = l1 + self.kl_weight * kl
@@ -55,6 +55,22 @@ class Trainer:
         loss.backward()
         self.opt_d.step()
         return loss.item()
+
+    def state(self) -> dict:
+        """Everything a resumed run needs of the trainer (weights, optimisers, schedule)."""
+        out = {"ae": self.ae.state_dict(), "opt": self.opt.state_dict(), "sched": self.sched.state_dict()}
+        if self.disc is not None:
+            out |= {"disc": self.disc.state_dict(), "opt_d": self.opt_d.state_dict()}
+        return out
+
+    def load_state(self, state: dict) -> None:
+        """Restore :meth:`state`."""
+        self.ae.load_state_dict(state["ae"])
+        self.opt.load_state_dict(state["opt"])
+        self.sched.load_state_dict(state["sched"])
+        if self.disc is not None:
+            self.disc.load_state_dict(state["disc"])
+            self.opt_d.load_state_dict(state["opt_d"])
 
 
 def val_l1(ae: AutoencoderKL, x: torch.Tensor, device: torch.device) -> float:

@@ -47,7 +47,7 @@ a real latent before any edit.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from enum import Enum
 
 import numpy as np
@@ -64,7 +64,8 @@ from pipeline.diffusion.sampler import Sampler, ddim_denoise
 from pipeline.evaluation.classifier import Evaluator
 
 __all__ = ["Method", "InversionLabel", "GuidanceReference", "Mask", "StrengthRule", "EditSettings", "edit_timesteps",
-           "invert", "invert_trajectory", "mask_seeds", "diffedit_mask", "denoise_from", "noise_to", "edit_latents",
+           "invert", "invert_trajectory", "mask_seeds", "diffedit_mask", "denoise_from", "noise_to", "way_up",
+           "way_down", "edit_latents", "Inversion",
            "smooth_change", "unclamped", "model_input", "edit_images", "edit_at", "guide_accepts", "edit_guided",
            "STRENGTH_HELP", "strength_option", "METHOD_OPTION", "STRENGTH_RULE_OPTION", "GUIDE_STRENGTHS_OPTION",
            "GUIDE_MARGIN_OPTION", "INVERSION_LABEL_OPTION", "GUIDANCE_SCALE_OPTION", "GUIDANCE_REFERENCE_OPTION",
@@ -334,9 +335,38 @@ def diffedit_mask(unet: torch.nn.Module, scheduler: DDIMScheduler, z: torch.Tens
     return ((diff - lo) / (hi - lo).clamp_min(1e-12) >= threshold).to(z.dtype)
 
 
+def way_up(sampler: Sampler, z: torch.Tensor, source: torch.Tensor, settings: EditSettings, ts: list[int],
+           seeds: list[int]) -> list[torch.Tensor]:
+    """The source latents at each of ``ts`` (an edit's grid): the DDIM inversion's trajectory, or for SDEdit the clean
+    latents noised in one jump to each timestep with the images' own noise. The trajectory to a larger strength starts
+    with the one to a smaller strength, so one way up serves edits of every strength up to its own."""
+    if settings.method == Method.sdedit:
+        noise = sampler.initial_noise(seeds)
+        return [noise_to(sampler.scheduler, z, noise, t) for t in ts]
+    unconditional = settings.inversion_label == InversionLabel.unconditional
+    cond = torch.full_like(source, NULL_CLASS) if unconditional else source
+    return invert_trajectory(sampler.unet, unclamped(sampler.scheduler), z, cond, ts, settings.inversion_guidance)
+
+
+def way_down(sampler: Sampler, trajectory: list[torch.Tensor], source: torch.Tensor, target: torch.Tensor,
+             settings: EditSettings, ts: list[int], seeds: list[int]) -> torch.Tensor:
+    """From the top of ``trajectory`` (the latents at ``ts[-1]``) down to clean latents under ``target``, with
+    guidance and, for DiffEdit, the mask (the source trajectory kept outside it)."""
+    mask = None
+    if settings.mask == Mask.diffedit and len(ts) > 1:
+        z = trajectory[0]
+        noises = [sampler.initial_noise(mask_seeds(seeds, d)).to(z.device) for d in range(settings.mask_noise_draws)]
+        mask = diffedit_mask(sampler.unet, sampler.scheduler, z, source, target, ts[-1], noises,
+                             settings.mask_threshold)
+    reference = source if settings.guidance_reference == GuidanceReference.source else None
+    return denoise_from(sampler.unet, sampler.scheduler, trajectory[len(ts) - 1], target, settings.guidance_scale, ts,
+                        reference, mask, trajectory[:len(ts)])
+
+
 def edit_latents(sampler: Sampler, z: torch.Tensor, source: torch.Tensor, target: torch.Tensor,
                  settings: EditSettings, seeds: list[int]) -> torch.Tensor:
-    """Edit clean normalised latents from their ``source`` labels to ``target`` labels.
+    """Edit clean normalised latents from their ``source`` labels to ``target`` labels (:func:`way_up` to
+    ``settings.strength``, then :func:`way_down`).
 
     Args:
         sampler: the trained models and the DDIM scheduler (``num_inference_steps`` sets the stride).
@@ -351,22 +381,7 @@ def edit_latents(sampler: Sampler, z: torch.Tensor, source: torch.Tensor, target
     """
     ts = edit_timesteps(sampler.scheduler, settings.strength)
     source, target = source.to(z.device), target.to(z.device)
-    if settings.method == Method.sdedit:
-        noise = sampler.initial_noise(seeds)
-        trajectory = [noise_to(sampler.scheduler, z, noise, t) for t in ts]
-    else:
-        unconditional = settings.inversion_label == InversionLabel.unconditional
-        cond = torch.full_like(source, NULL_CLASS) if unconditional else source
-        trajectory = invert_trajectory(sampler.unet, unclamped(sampler.scheduler), z, cond, ts,
-                                       settings.inversion_guidance)
-    mask = None
-    if settings.mask == Mask.diffedit and len(ts) > 1:
-        noises = [sampler.initial_noise(mask_seeds(seeds, d)).to(z.device) for d in range(settings.mask_noise_draws)]
-        mask = diffedit_mask(sampler.unet, sampler.scheduler, z, source, target, ts[-1], noises,
-                             settings.mask_threshold)
-    reference = source if settings.guidance_reference == GuidanceReference.source else None
-    return denoise_from(sampler.unet, sampler.scheduler, trajectory[-1], target, settings.guidance_scale, ts,
-                        reference, mask, trajectory)
+    return way_down(sampler, way_up(sampler, z, source, settings, ts, seeds), source, target, settings, ts, seeds)
 
 
 def smooth_change(sources: np.ndarray, edits: np.ndarray, sigma: float) -> np.ndarray:
@@ -398,36 +413,83 @@ def model_input(images: np.ndarray, pad: list[int] | tuple[int, int]) -> torch.T
     return torch.from_numpy(padded[:, None]).float().div_(255.0)
 
 
+class Inversion:
+    """The way up of a set of images (:func:`way_up`), computed once to the largest strength needed and shared by
+    every edit of them: the guided search over strengths, the null edits and the strength sweep all start from it, so
+    each image is inverted once, not once per strength tried.
+
+    An edit from it equals :func:`edit_latents` at that strength up to float rounding (the batches differ).
+
+    Args:
+        sampler: the trained models and the DDIM scheduler.
+        images: uint8 N×H×W at the data size, unpadded.
+        source: source label per image (the inversion's label).
+        settings: every edit setting; ``settings.strength`` is not used.
+        max_strength: the largest strength any edit of these images will use.
+        seeds: one per image (SDEdit noise, DiffEdit noise draws).
+        batch_size: images per batch (no effect on the edits).
+        desc: progress-bar label.
+    """
+
+    def __init__(self, sampler: Sampler, images: np.ndarray, source: np.ndarray, settings: EditSettings,
+                 max_strength: float, seeds: list[int], batch_size: int, desc: str = "inversion") -> None:
+        self.sampler, self.images, self.source, self.settings = sampler, images, np.asarray(source), settings
+        self.seeds, self.batch_size = list(seeds), batch_size
+        self.ts = edit_timesteps(sampler.scheduler, max_strength)
+        parts = []
+        for i in tqdm(range(0, len(images), batch_size), desc=desc, unit="batch", leave=False):
+            sl = slice(i, i + batch_size)
+            z = sampler.encode(model_input(images[sl], sampler.pad))
+            src = torch.from_numpy(self.source[sl]).long().to(z.device)
+            parts.append(way_up(sampler, z, src, settings, self.ts, self.seeds[sl]))
+        self.trajectory = [torch.cat([p[j] for p in parts]) for j in range(len(self.ts))] if parts else []
+
+    def edit(self, idx: np.ndarray, target: np.ndarray, strength: float, desc: str = "editing") -> np.ndarray:
+        """uint8 edits of the images ``idx`` to the labels ``target`` (one per index) at ``strength``."""
+        ts = edit_timesteps(self.sampler.scheduler, strength)
+        if len(ts) > len(self.ts):
+            raise ValueError(f"strength {strength} goes beyond the inversion's {len(self.ts) - 1} steps")
+        idx, target = np.asarray(idx, np.int64), np.asarray(target)
+        out = []
+        for i in tqdm(range(0, len(idx), self.batch_size), desc=f"{desc} t0={strength:g}", unit="batch", leave=False):
+            b = idx[i:i + self.batch_size]
+            rows = torch.from_numpy(b)
+            trajectory = [t[rows] for t in self.trajectory[:len(ts)]]
+            src = torch.from_numpy(self.source[b]).long().to(trajectory[0].device)
+            tgt = torch.from_numpy(target[i:i + self.batch_size]).long().to(trajectory[0].device)
+            z = way_down(self.sampler, trajectory, src, tgt, self.settings, ts, [self.seeds[j] for j in b])
+            out.append(smooth_change(self.images[b], self.sampler.decode(z), self.settings.change_sigma))
+        return np.concatenate(out) if out else np.zeros((0, *self.images.shape[1:]), np.uint8)
+
+    def edit_at(self, target: np.ndarray, strengths: np.ndarray, desc: str = "editing") -> np.ndarray:
+        """Every image edited to ``target`` at its own strength (``strengths``, one per image)."""
+        strengths = np.broadcast_to(np.asarray(strengths, np.float64), len(self.images))
+        out = np.empty_like(self.images)
+        for s in np.unique(strengths):
+            idx = np.flatnonzero(strengths == s)
+            out[idx] = self.edit(idx, np.asarray(target)[idx], float(s), desc)
+        return out
+
+
 def edit_images(sampler: Sampler, images: np.ndarray, source: np.ndarray, target: np.ndarray,
                 settings: EditSettings, seeds: list[int], batch_size: int, desc: str = "editing") -> np.ndarray:
-    """Edit uint8 images N×H×W (data size, unpadded) from ``source`` to ``target`` labels; uint8 N×H×W out.
+    """Edit uint8 images N×H×W (data size, unpadded) from ``source`` to ``target`` labels at ``settings.strength``;
+    uint8 N×H×W out.
 
     Image i's edit depends only on the image, its labels, ``seeds[i]`` and the settings, not on the batch size. With
     ``settings.change_sigma`` > 0 the decoded edit's change is low-pass filtered (:func:`smooth_change`).
     """
-    out = []
-    for i in tqdm(range(0, len(images), batch_size), desc=desc, unit="batch", leave=False):
-        sl = slice(i, i + batch_size)
-        z = sampler.encode(model_input(images[sl], sampler.pad))
-        z = edit_latents(sampler, z, torch.from_numpy(source[sl]).long(), torch.from_numpy(target[sl]).long(),
-                         settings, seeds[sl])
-        out.append(smooth_change(images[sl], sampler.decode(z), settings.change_sigma))
-    return np.concatenate(out) if out else np.zeros((0, *images.shape[1:]), np.uint8)
+    inversion = Inversion(sampler, images, source, settings, settings.strength, seeds, batch_size, f"{desc}, up")
+    return inversion.edit(np.arange(len(images)), target, settings.strength, desc)
 
 
 def edit_at(sampler: Sampler, images: np.ndarray, source: np.ndarray, target: np.ndarray, settings: EditSettings,
             strengths: np.ndarray, seeds: list[int], batch_size: int, desc: str = "editing") -> np.ndarray:
-    """:func:`edit_images` with a strength per image (``settings.strength`` is not used).
-
-    The images of one strength are edited together; image i's edit is the one :func:`edit_images` gives it at
-    ``strengths[i]`` with ``seeds[i]``.
-    """
-    out = np.empty_like(images)
-    for s in np.unique(strengths):
-        idx = np.flatnonzero(strengths == s)
-        out[idx] = edit_images(sampler, images[idx], source[idx], target[idx], replace(settings, strength=float(s)),
-                               [seeds[i] for i in idx], batch_size, f"{desc} t0={s:g}")
-    return out
+    """:func:`edit_images` with a strength per image (``settings.strength`` is not used), from one shared inversion."""
+    strengths = np.broadcast_to(np.asarray(strengths, np.float64), len(images))
+    top = float(strengths.max()) if len(images) else 0.0
+    return Inversion(sampler, images, source, settings, top, seeds, batch_size, f"{desc}, up").edit_at(
+        target, strengths, desc)
 
 
 def guide_accepts(prob: np.ndarray, threshold: float, target: np.ndarray, margin: float) -> np.ndarray:
@@ -450,7 +512,8 @@ def guide_accepts(prob: np.ndarray, threshold: float, target: np.ndarray, margin
 
 def edit_guided(sampler: Sampler, images: np.ndarray, source: np.ndarray, target: np.ndarray, settings: EditSettings,
                 strengths: list[float] | tuple[float, ...], guide: Evaluator, margin: float, seeds: list[int],
-                batch_size: int, desc: str = "editing") -> tuple[np.ndarray, np.ndarray]:
+                batch_size: int, desc: str = "editing",
+                inversion: Inversion | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Each image edited at the smallest of ``strengths`` whose edit the guide calls the target class.
 
     The strengths are tried in increasing order; an image leaves the search at the first strength whose edit the guide
@@ -470,6 +533,8 @@ def edit_guided(sampler: Sampler, images: np.ndarray, source: np.ndarray, target
         seeds: one per image (SDEdit noise, DiffEdit noise draws).
         batch_size: images per batch (no effect on the edits).
         desc: progress-bar label.
+        inversion: the images' :class:`Inversion` to at least the largest strength, to share with other edits of
+            them (made here when None).
 
     Returns:
         uint8 edits N×H×W and the strength each image was edited at (float N).
@@ -477,13 +542,13 @@ def edit_guided(sampler: Sampler, images: np.ndarray, source: np.ndarray, target
     grid = sorted(set(float(s) for s in strengths))
     if not grid or any(not 0.0 <= s <= 1.0 for s in grid):
         raise PipelineError(f"guided edits need candidate strengths in [0, 1], got {list(strengths)}")
+    inversion = inversion or Inversion(sampler, images, source, settings, grid[-1], seeds, batch_size, f"{desc}, up")
     out, chosen = np.empty_like(images), np.full(len(images), grid[-1])
     todo = np.arange(len(images))
     for s in grid:
         if not len(todo):
             break
-        edits = edit_at(sampler, images[todo], source[todo], target[todo], settings, np.full(len(todo), s),
-                        [seeds[i] for i in todo], batch_size, desc)
+        edits = inversion.edit(todo, target[todo], s, desc)
         done = guide_accepts(guide.predict_proba(edits), guide.threshold, target[todo], margin) | (s == grid[-1])
         out[todo[done]], chosen[todo[done]] = edits[done], s
         todo = todo[~done]

@@ -8,13 +8,31 @@ from typing import Any, Callable
 import torch
 from monai.networks.nets import AutoencoderKL, DiffusionModelUNet, PatchDiscriminator
 
-__all__ = ["REGISTRY", "autoencoder_args", "unet_args", "kl_loss", "batched", "encode_mean", "reconstruct"]
+from pipeline.core.runtime import autocast
+
+__all__ = ["REGISTRY", "MixedPrecision", "autoencoder_args", "unet_args", "kl_loss", "batched", "encode_mean",
+           "reconstruct"]
 
 REGISTRY: dict[str, type[torch.nn.Module]] = {
     "AutoencoderKL": AutoencoderKL,
     "DiffusionModelUNet": DiffusionModelUNet,
     "PatchDiscriminator": PatchDiscriminator,
 }
+
+
+class MixedPrecision(torch.nn.Module):
+    """A network run under :func:`pipeline.core.runtime.autocast` (bfloat16 convolutions where the device computes
+    them natively), its output returned in float32: what the sampler and the edits call the diffusion U-Net through.
+    The autoencoder is not wrapped: bf16 would round its decoder's output by about one grey level."""
+
+    def __init__(self, net: torch.nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        x = next((a for a in args if isinstance(a, torch.Tensor)), None)
+        with autocast(x.device if x is not None else torch.device("cpu")):
+            return self.net(*args, **kwargs).float()
 
 
 def autoencoder_args(channels: list[int], latent_channels: int, num_res_blocks: int,

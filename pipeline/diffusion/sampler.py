@@ -30,7 +30,7 @@ from pipeline.core.data import CLASSES, crop, to_uint8
 from pipeline.diffusion.guidance import guided_output
 from pipeline.diffusion.latents import (CLASS_MEANS_FILE, class_mean_latents, from_model_space, load_class_means,
                                         to_model_space)
-from pipeline.diffusion.networks import REGISTRY
+from pipeline.diffusion.networks import REGISTRY, MixedPrecision
 from pipeline.diffusion.schedule import ddim_step, make_ddim
 
 __all__ = ["SamplerSettings", "Sampler", "step_seed", "ddim_denoise", "label_matched"]
@@ -121,9 +121,9 @@ class Sampler:
             raise ValueError(f"x0_spread must be > 0 (1 = off), got {x0_spread}")
         if x0_spread != 1 and (class_means is None or len(class_means) != len(CLASSES)):
             raise ValueError(f"x0_spread {x0_spread} needs the class mean latents, one per class {CLASSES}")
-        self.unet, self.config = load_model(ldm_dir, REGISTRY)
+        unet, self.config = load_model(ldm_dir, REGISTRY)
+        self.unet = MixedPrecision(unet.to(device)).eval()  # bf16 where the CPU or GPU computes it natively
         self.ae, ae_config = load_model(ae_dir, REGISTRY)
-        self.unet.to(device)
         self.ae.to(device)
         self.pad = ae_config["data"]["pad"]
         self.latent_size = ae_config["data"]["padded_size"] // 2 ** (len(ae_config["args"]["channels"]) - 1)

@@ -15,6 +15,8 @@ from torch.optim.swa_utils import AveragedModel
 from tqdm import tqdm
 
 from pipeline.core.cli import PipelineError
+from pipeline.core.optim import Checkpoint
+from pipeline.core.runtime import autocast
 from pipeline.diffusion.guidance import drop_labels
 from pipeline.diffusion.schedule import snr_weights, training_target
 
@@ -51,11 +53,15 @@ def lr_lambda(warmup: int, total: int):
 def diffusion_loss(unet: torch.nn.Module, sched, z0: torch.Tensor, labels: torch.Tensor,
                    gen: torch.Generator, min_snr_gamma: float = 0.0) -> torch.Tensor:
     """MSE between the U-Net output and its target at random timesteps, with noise from ``gen``; each sample
-    weighted by :func:`pipeline.diffusion.snr_weights` when ``min_snr_gamma`` > 0 (0 = the plain MSE)."""
+    weighted by :func:`pipeline.diffusion.schedule.snr_weights` when ``min_snr_gamma`` > 0 (0 = the plain MSE).
+    The U-Net runs under :func:`pipeline.core.runtime.autocast` (bfloat16 where the device computes it natively);
+    the loss is float32."""
     noise = torch.randn(z0.shape, generator=gen).to(z0.device)
     t = torch.randint(0, sched.num_train_timesteps, (len(z0),), generator=gen).to(z0.device)
     zt = sched.add_noise(original_samples=z0, noise=noise, timesteps=t)
-    out, target = unet(zt, timesteps=t, class_labels=labels), training_target(sched, z0, noise, t)
+    with autocast(z0.device):
+        out = unet(zt, timesteps=t, class_labels=labels).float()
+    target = training_target(sched, z0, noise, t)
     if min_snr_gamma <= 0:
         return torch.nn.functional.mse_loss(out, target)
     per_sample = (out - target).pow(2).flatten(1).mean(1)
@@ -76,7 +82,7 @@ def fit(unet: torch.nn.Module, sched, train: tuple[torch.Tensor, torch.Tensor], 
         *, steps: int, eval_every: int, batch_size: int, lr: float, warmup_steps: int, grad_clip: float,
         label_dropout: float, ema_decay: float, seed: int, gen: torch.Generator, device: torch.device,
         min_snr_gamma: float = 0.0, on_eval: Callable[[dict[str, float]], None] = lambda row: None,
-        progress: bool = True) -> AveragedModel:
+        progress: bool = True, checkpoint: Checkpoint | None = None) -> AveragedModel:
     """Train ``unet`` for ``steps`` AdamW steps (shuffled passes over ``train``) and return its EMA model.
 
     Args:
@@ -91,6 +97,9 @@ def fit(unet: torch.nn.Module, sched, train: tuple[torch.Tensor, torch.Tensor], 
         gen: the generator of batch order, label dropout, noise and timesteps.
         on_eval: called with ``{"step", "epoch", "train_loss", "val_loss", "lr"}`` at each validation; it may raise
             (the tuning stage's pruner does) to stop training.
+        checkpoint: where to keep the run's state after every validation; a saved state of the same run is resumed
+            from (``on_eval`` is called again for its validations, in order), and the run's final weights equal an
+            uninterrupted run's. Cleared by the caller once its outputs are written.
 
     Raises:
         NonFiniteLoss: the loss became NaN or infinite; the exception carries the last good EMA model.
@@ -100,8 +109,20 @@ def fit(unet: torch.nn.Module, sched, train: tuple[torch.Tensor, torch.Tensor], 
     opt = torch.optim.AdamW(unet.parameters(), lr=lr)
     lr_sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(warmup_steps, steps))
     per_pass = -(-len(z_train) // batch_size)
-    order, total, count = None, 0.0, 0
-    bar = tqdm(range(steps), desc="train_ldm", disable=not progress, mininterval=2.0)
+    order, total, count, start, history = None, 0.0, 0, 0, []
+    saved = checkpoint.load() if checkpoint is not None else None
+    if saved is not None:
+        unet.load_state_dict(saved["unet"])
+        ema.load_state_dict(saved["ema"])
+        opt.load_state_dict(saved["opt"])
+        lr_sched.load_state_dict(saved["lr_sched"])
+        gen.set_state(saved["gen"])
+        order, start = saved["order"], int(saved["step"])
+        for row in saved["history"]:
+            history.append(row)
+            on_eval(row)
+    bar = tqdm(range(start, steps), desc="train_ldm", disable=not progress, mininterval=2.0, initial=start,
+               total=steps)
     for step in bar:
         if step % per_pass == 0:
             order = torch.randperm(len(z_train), generator=gen)
@@ -110,8 +131,8 @@ def fit(unet: torch.nn.Module, sched, train: tuple[torch.Tensor, torch.Tensor], 
         labels = drop_labels(y_train[idx], label_dropout, gen).to(device)
         loss = diffusion_loss(unet, sched, z_train[idx].to(device), labels, gen, min_snr_gamma)
         if not torch.isfinite(loss):
-            raise NonFiniteLoss(f"loss became {loss.item()} at step {step + 1}; lower ldm.lr or raise ldm.grad_clip",
-                                ema.module)
+            raise NonFiniteLoss(f"loss became {loss.item()} at step {step + 1}; lower train_ldm.lr or raise "
+                                "train_ldm.grad_clip", ema.module)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), grad_clip)
@@ -125,5 +146,10 @@ def fit(unet: torch.nn.Module, sched, train: tuple[torch.Tensor, torch.Tensor], 
                    "val_loss": validation_loss(ema.module.eval(), sched, *val, seed + 1, device),
                    "lr": lr_sched.get_last_lr()[0]}
             total, count = 0.0, 0
+            history.append(row)
             on_eval(row)
+            if checkpoint is not None and step + 1 < steps:
+                checkpoint.save({"unet": unet.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
+                                 "lr_sched": lr_sched.state_dict(), "gen": gen.get_state(), "order": order,
+                                 "step": step + 1, "history": history})
     return ema

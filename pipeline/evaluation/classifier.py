@@ -32,7 +32,8 @@ from tqdm import tqdm
 
 from pipeline.core.artifacts import load_model, load_model_config, save_model
 from pipeline.core.cli import PipelineError
-from pipeline.core.runtime import pick_device
+from pipeline.core.optim import one_cycle
+from pipeline.core.runtime import autocast, pick_device
 
 __all__ = [
     "REGISTRY",
@@ -144,20 +145,23 @@ class Evaluator:
     def __init__(self, net: torch.nn.Module, args: dict[str, Any], *, threshold: float, size: int, input_size: int,
                  mean: float, std: float, device: torch.device | None = None) -> None:
         self.device = device or pick_device()
-        self.net, self.args = net.to(self.device).eval(), dict(args)
+        self.net = net.to(self.device, memory_format=torch.channels_last).eval()
+        self.args = dict(args)
         self.threshold, self.size, self.input_size = float(threshold), int(size), int(input_size)
         self.mean, self.std = float(mean), float(std)
 
     def _inputs(self, images: np.ndarray) -> torch.Tensor:
-        return _to_input(images, self.mean, self.std, self.input_size, self.device)
+        x = _to_input(images, self.mean, self.std, self.input_size, self.device)
+        return x.contiguous(memory_format=torch.channels_last)
 
     @torch.inference_mode()
     def logits(self, images: np.ndarray, batch_size: int = INFERENCE_BATCH) -> np.ndarray:
         """Logits (float64 N) of uint8 N×H×W images."""
         _check_images(images, self.size)
         self.net.eval()
-        out = [self.net(self._inputs(images[i:i + batch_size])).reshape(-1).double().cpu()
-               for i in range(0, len(images), batch_size)]
+        with autocast(self.device):
+            out = [self.net(self._inputs(images[i:i + batch_size])).reshape(-1).double().cpu()
+                   for i in range(0, len(images), batch_size)]
         return torch.cat(out).numpy() if out else np.zeros(0)
 
     def predict_proba(self, images: np.ndarray, batch_size: int = INFERENCE_BATCH) -> np.ndarray:
@@ -173,8 +177,9 @@ class Evaluator:
         """Penultimate-layer features (global-average-pooled last stage, float64 N×D) of uint8 N×H×W images."""
         _check_images(images, self.size)
         self.net.eval()
-        out = [_pooled(self.net, self._inputs(images[i:i + batch_size])).double().cpu()
-               for i in range(0, len(images), batch_size)]
+        with autocast(self.device):
+            out = [_pooled(self.net, self._inputs(images[i:i + batch_size])).double().cpu()
+                   for i in range(0, len(images), batch_size)]
         return torch.cat(out).numpy() if out else np.zeros((0, self.net.fc.in_features))
 
 
@@ -308,7 +313,8 @@ def _train_epoch(net: torch.nn.Module, ema: Any, opt: torch.optim.Optimizer, sch
             x = F.interpolate(x, size=(recipe.input_size,) * 2, mode="bilinear", align_corners=False)
         y = labels[idx].float()
         target = y * (1 - recipe.label_smoothing) + recipe.label_smoothing / 2
-        logit = net(((x - norm[0]) / norm[1]).to(device)).reshape(-1)
+        with autocast(device):  # bfloat16 where the CPU computes it natively; channels-last is faster either way
+            logit = net(((x - norm[0]) / norm[1]).to(device, memory_format=torch.channels_last)).reshape(-1).float()
         loss = (F.binary_cross_entropy_with_logits(logit, target.to(device), reduction="none")
                 * weights[labels[idx]].to(device)).mean()
         opt.zero_grad(set_to_none=True)
@@ -324,7 +330,8 @@ def _train_epoch(net: torch.nn.Module, ema: Any, opt: torch.optim.Optimizer, sch
 
 def train_evaluator(train_images: np.ndarray, train_labels: np.ndarray, val_images: np.ndarray,
                     val_labels: np.ndarray, recipe: Recipe, *, seed: int, device: torch.device | None = None,
-                    desc: str = "classifier") -> tuple[Evaluator, list[dict[str, float]], float]:
+                    desc: str = "classifier", select_every: int | None = None,
+                    ) -> tuple[Evaluator, list[dict[str, float]], float]:
     """Train the evaluator recipe on uint8 N×H×W images; select the epoch and the threshold on validation only.
 
     Args:
@@ -336,9 +343,13 @@ def train_evaluator(train_images: np.ndarray, train_labels: np.ndarray, val_imag
         seed: seeds the weights, the batch order and the augmentation.
         device: where to train (default: CUDA when available, else CPU).
         desc: progress-bar label.
+        select_every: optimiser steps between validations (rounded to whole epochs; the last epoch always); None
+            validates after every epoch. Training sets of a few dozen images take one step an epoch, so the utility
+            runs validate at the evaluator's own cadence in steps (an epoch of the real train split) instead of
+            after each of their 1,480 epochs.
 
     Returns:
-        The evaluator with the EMA weights of the best-val-AUC epoch and its Youden threshold on validation, the
+        The evaluator with the EMA weights of the best-val-AUC validated epoch and its Youden threshold on validation, the
         per-epoch history (``epoch``, ``train_loss``, ``val_auc``), and that threshold.
     """
     _check_images(train_images)
@@ -350,18 +361,22 @@ def train_evaluator(train_images: np.ndarray, train_labels: np.ndarray, val_imag
     size = train_images.shape[1]
     norm = (float(train_images.mean() / 255.0), float(train_images.std() / 255.0))
     args = resnet_args(recipe.widths, recipe.blocks)
-    net = ResNet(**args).to(device)
+    net = ResNet(**args).to(device, memory_format=torch.channels_last)
     ema = _ema(net, recipe.ema_decay)
     steps = recipe.epochs * -(-len(train_images) // recipe.batch_size)
     opt = torch.optim.AdamW(net.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=recipe.lr, total_steps=max(steps, 1), pct_start=0.1)
+    sched = one_cycle(opt, recipe.lr, steps, 0.1)
     weights = _class_weights(train_labels, recipe.class_balance)
     x, y = torch.from_numpy(train_images), torch.from_numpy(np.asarray(train_labels, dtype=np.int64))
     geometry = {"size": size, "input_size": recipe.input_size, "mean": norm[0], "std": norm[1], "device": device}
     history, best_auc, best_state = [], -1.0, None
+    per_epoch = -(-len(train_images) // recipe.batch_size)
+    every = 1 if select_every is None else max(1, round(select_every / per_epoch))
     for epoch in range(recipe.epochs):
         loss = _train_epoch(net, ema, opt, sched, x, y, weights, recipe, norm, gen,
                             f"{desc} epoch {epoch + 1}/{recipe.epochs}")
+        if (epoch + 1) % every and epoch + 1 < recipe.epochs:
+            continue
         judged = ema.module if ema is not None else net
         val_auc = roc_auc(Evaluator(judged, args, threshold=0.5, **geometry).predict_proba(val_images), val_labels)
         history.append({"epoch": epoch + 1, "train_loss": loss, "val_auc": val_auc})

@@ -4,15 +4,40 @@ training."""
 
 from __future__ import annotations
 
+import dataclasses
+import enum
+import time
 from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 
-__all__ = ["Regime", "plan", "stratified_subset", "epochs_for_budget", "mean_std", "summarise", "curve_rows",
+from pipeline.core.cli import PipelineError
+from pipeline.core.runtime import parallel_map
+from pipeline.evaluation.classifier import Recipe, binary_metrics, train_evaluator
+
+__all__ = ["Budget", "UtilityPlan", "training_set", "train_and_test", "run_regimes", "check_options", "Regime", "plan", "stratified_subset", "epochs_for_budget", "mean_std", "summarise", "curve_rows",
            "SYNTHETIC_ONLY"]
 
 SYNTHETIC_ONLY = "syn_only"
+Split = tuple[np.ndarray, np.ndarray]
+
+
+class Budget(str, enum.Enum):
+    """What "the same training budget" holds fixed across training sets."""
+
+    steps = "steps"
+    epochs = "epochs"
+
+
+@dataclass(frozen=True)
+class UtilityPlan:
+    """The keys of the ``utility`` params section that both utility stages read (``utility_real`` trains the real-only
+    regimes, ``utility`` the ones with synthetic images)."""
+
+    fractions: list[float]
+    seeds: list[int]
+    budget: Budget
 
 
 def stratified_subset(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
@@ -127,3 +152,78 @@ def curve_rows(summary: dict[str, float], fractions: Sequence[float]) -> list[di
                 row[f"{short}_{label}_std"] = summary[f"{name}_{m}_std"]
         rows.append(row)
     return rows
+
+
+def training_set(regime: Regime, seed: int, real: Split, synthetic: Split, synthetic_fraction: float) -> Split:
+    """The images and labels of one regime and seed: a real subset, then the synthetic images (if any)."""
+    parts = []
+    if regime.real_fraction > 0:
+        idx = stratified_subset(real[1], regime.real_fraction, seed)
+        parts.append((real[0][idx], real[1][idx]))
+    if regime.synthetic:
+        frac = synthetic_fraction if regime.real_fraction > 0 else 1.0  # syn_only: the whole cohort, same N as real
+        idx = stratified_subset(synthetic[1], frac, seed) if frac < 1.0 else np.arange(len(synthetic[1]))
+        parts.append((synthetic[0][idx], synthetic[1][idx]))
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+
+def train_and_test(train: Split, val: Split, test: Split, recipe: Recipe, seed: int, select_every: int,
+                   desc: str) -> dict[str, float]:
+    """Train the recipe on ``train`` (selection on ``val`` every ``select_every`` steps); test AUC, accuracy,
+    sensitivity, specificity, the training set size, the optimiser steps, the selected epoch, its val AUC and the wall
+    time."""
+    t0 = time.time()
+    evaluator, history, _ = train_evaluator(*train, *val, recipe, seed=seed, desc=desc, select_every=select_every)
+    scores = binary_metrics(evaluator.predict_proba(test[0]), test[1], evaluator.threshold)
+    steps = recipe.epochs * -(-len(train[1]) // recipe.batch_size)
+    best = max(history, key=lambda r: r["val_auc"])
+    return {**scores, "n_train": len(train[1]), "steps": steps, "best_epoch": best["epoch"], "val_auc": best["val_auc"],
+            "wall_time_s": time.time() - t0}
+
+
+def run_regimes(regimes: Sequence[Regime], seeds: Sequence[int], real: Split, val: Split, test: Split,
+                synthetic: Split | None, synthetic_fraction: float, recipe: Recipe,
+                budget: Budget) -> dict[Regime, list[dict[str, float]]]:
+    """Train and test every regime once per seed, the runs spread over the CPU cores
+    (:func:`pipeline.core.runtime.parallel_map`).
+
+    Args:
+        regimes: the training sets to try.
+        seeds: one run per seed and regime (a seed draws the real subset and seeds the training).
+        real, val, test: the real splits; val selects each run's epoch and threshold, test scores it.
+        synthetic: the synthetic cohort (None when no regime uses it).
+        synthetic_fraction: share of the cohort added to real data (syn_only always uses all of it).
+        recipe: the evaluator's recipe.
+        budget: ``steps``: every run makes the evaluator's optimiser steps, in whole epochs of its own set;
+            ``epochs``: ``recipe.epochs`` passes over every set.
+
+    Returns:
+        regime -> one score dict per seed, in ``seeds`` order.
+    """
+    per_epoch = -(-len(real[1]) // recipe.batch_size)  # the evaluator's epoch: its validation cadence in steps
+    budget_steps = recipe.epochs * per_epoch
+    jobs, keys = [], []
+    for regime in regimes:
+        for seed in seeds:
+            train = training_set(regime, seed, real, synthetic, synthetic_fraction)
+            epochs = recipe.epochs if budget == Budget.epochs else epochs_for_budget(len(train[1]), recipe.batch_size,
+                                                                                     budget_steps)
+            jobs.append((train, val, test, dataclasses.replace(recipe, epochs=epochs), seed, per_epoch,
+                         f"{regime.name} seed {seed}"))
+            keys.append(regime)
+    results: dict[Regime, list[dict[str, float]]] = {r: [] for r in regimes}
+    for regime, scores in zip(keys, parallel_map(train_and_test, jobs)):
+        results[regime].append(scores)
+    return results
+
+
+def check_options(fractions: list[float], seeds: list[int], synthetic_fraction: float) -> None:
+    """Raises PipelineError on an empty or out-of-range ``utility.fractions`` / ``seeds`` / ``synthetic_fraction``."""
+    if not fractions or not all(0.0 < f <= 1.0 for f in fractions):
+        raise PipelineError(f"utility.fractions must be a non-empty list of shares in (0, 1], got {fractions}")
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise PipelineError(f"utility.seeds must be a non-empty list of distinct integers, got {seeds}")
+    if not 0.0 < synthetic_fraction <= 1.0:
+        raise PipelineError(f"utility.synthetic_fraction must be in (0, 1], got {synthetic_fraction}")
+
+
