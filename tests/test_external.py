@@ -105,12 +105,42 @@ def test_the_fixture_catches_a_naive_reader(vindr, name):
 
 
 @pytest.mark.parametrize("name,reason", [("truncated", "decode_failed"), ("not_dicom", "unreadable"),
-                                         ("report", "not_image"), ("colour", "unsupported"), ("constant", "blank")])
+                                         ("report", "not_image"), ("colour", "unsupported"), ("constant", "blank"),
+                                         ("ct_slice", "not_radiograph"), ("skull", "not_chest"),
+                                         ("lateral", "not_frontal")])
 def test_bad_files_are_skipped_with_their_reason(vindr, name, reason):
     assert reason in SKIP_REASONS
     with pytest.raises(SkipFile) as info:
         read_dicom(vindr.root / "test" / f"{name}.dicom", 28)
     assert info.value.reason == reason
+
+
+def test_skip_reasons_never_quote_header_values(vindr):
+    log: list[str] = []
+    load_external(vindr.root, ["train", "test"], 28, log=log)
+    skipped = [line for line in log if line.startswith("skipped")]
+    assert len(skipped) >= 8
+    for line in skipped:  # the values the bad files hold in their headers
+        assert not any(v in line for v in ("SKULL", "'CT'", " CT", "LL", "PHANTOM", "RGB", "1.2.840")), line
+
+
+def test_rg1_and_other_pydicom_test_files_only_a_chest_radiograph_is_read():
+    from collections import Counter
+
+    from pydicom.data import get_testdata_files
+
+    reasons: Counter = Counter()
+    for f in get_testdata_files("*.dcm"):
+        try:
+            read_dicom(Path(f), 28)
+            reasons["read"] += 1
+        except SkipFile as exc:
+            reasons[exc.reason] += 1
+        except Exception as exc:  # noqa: BLE001 -- read_dicom must raise nothing else
+            pytest.fail(f"{Path(f).name}: {type(exc).__name__}")
+    ct_mr = sum(1 for f in get_testdata_files("*.dcm") if Path(f).name.startswith(("CT_", "MR_")))
+    assert reasons["not_radiograph"] >= ct_mr > 0  # every CT and MR slice of the set is refused
+    assert 0 < reasons["read"] < 30, reasons  # RG1_UNCI (CR chest PA) among the few read
 
 
 def test_center_square_and_antialiased_resize():

@@ -181,8 +181,13 @@ def _write_bad_files(folder: Path) -> dict[str, str]:
     rgb.SamplesPerPixel, rgb.PlanarConfiguration = 3, 0
     _save(_pixels(rgb, np.zeros((32, 32, 3)), 8), folder / "colour.dicom")
     _save(_pixels(_base(40, 40), np.full((40, 40), 77), 8), folder / "constant.dicom")
+    for name, tag, value in (("ct_slice", "Modality", "CT"), ("skull", "BodyPartExamined", "SKULL"),
+                             ("lateral", "ViewPosition", "LL")):  # fine pixels, but not a frontal chest radiograph
+        ds = mono2_8bit_plain(phantom(50, 50))
+        setattr(ds, tag, value)
+        _save(ds, folder / f"{name}.dicom")
     return {"truncated": "decode_failed", "not_dicom": "unreadable", "report": "not_image", "colour": "unsupported",
-            "constant": "blank"}
+            "constant": "blank", "ct_slice": "not_radiograph", "skull": "not_chest", "lateral": "not_frontal"}
 
 
 def _row(image_id: str, marked: list[str], reader: str = "R1") -> dict[str, object]:

@@ -51,16 +51,23 @@ import torch.nn.functional as F
 from pydicom.dataset import Dataset
 from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
-__all__ = ["DICOM_SUFFIXES", "SKIP_REASONS", "LABEL_REASONS", "COUNT_KEYS", "SkipFile", "ExternalSet",
+__all__ = ["DICOM_SUFFIXES", "SKIP_REASONS", "check_chest_radiograph", "LABEL_REASONS", "COUNT_KEYS", "SkipFile", "ExternalSet",
            "display_image", "orient", "normalise", "center_square", "resize", "to_uint8", "preprocess", "read_dicom",
            "read_label_table", "classify_findings", "label_images", "missing_label_names", "load_external",
            "how_to_get_vindr"]
 
 DICOM_SUFFIXES = (".dicom", ".dcm")
-SKIP_REASONS = ("unreadable", "not_image", "unsupported", "decode_failed", "blank")
+SKIP_REASONS = ("unreadable", "not_image", "not_radiograph", "not_chest", "not_frontal", "unsupported",
+                "decode_failed", "blank")
 """Why a DICOM file was not used: not a DICOM file or a corrupt header; no pixel data (a report, a presentation
-state...); colour or multi-frame; pixel data that cannot be decoded (corrupt, or no decoder installed for its
-transfer syntax); a constant image."""
+state...); a Modality other than a projection radiograph (CR, DX, DR: a CT, MR, NM, US or secondary-capture image);
+a Body Part Examined that is present and names no chest; a View Position that is present and is not frontal (PA or
+AP: PneumoniaMNIST, and so the models, are frontal chest radiographs); colour or multi-frame; pixel data that cannot
+be decoded (corrupt, or no decoder installed for its transfer syntax); a constant image. A reason is one line and
+never quotes a header value (a file's header may hold anything, patient data included)."""
+RADIOGRAPH_MODALITIES = ("CR", "DX", "DR")
+CHEST_WORDS = ("CHEST", "THORAX", "TORAX", "THORACIC", "LUNG", "PECHO")
+FRONTAL_VIEWS = ("PA", "AP")
 LABEL_REASONS = ("no_label", "excluded_label", "conflicting_label", "over_max")
 """Why a readable file was not used: no row in the labels CSV; neither normal nor pneumonia (another finding only, or
 no finding marked at all); marked both normal and pneumonia, or normal together with another finding; beyond
@@ -95,13 +102,48 @@ class ExternalSet:
 # --- one DICOM -> one image ----------------------------------------------------------------------------------------
 
 
-def _check_grayscale(ds: Dataset) -> None:
+def _text(ds: Dataset, keyword: str) -> str:
+    """A header value as upper-case text ('' when absent or unreadable)."""
+    try:
+        return str(ds.get(keyword, "") or "").strip().upper()
+    except Exception:  # noqa: BLE001 -- a malformed value counts as absent
+        return ""
+
+
+def check_chest_radiograph(ds: Dataset) -> None:
+    """Raise :class:`SkipFile` unless the header allows a frontal projection radiograph of a chest: Modality (when
+    present) CR, DX or DR; Body Part Examined (when present) naming the chest; View Position (when present) PA or AP.
+
+    Raises:
+        SkipFile: ``not_radiograph``, ``not_chest`` or ``not_frontal``; the detail names the tag, never its value.
+    """
+    modality, body, view = _text(ds, "Modality"), _text(ds, "BodyPartExamined"), _text(ds, "ViewPosition")
+    if modality and modality not in RADIOGRAPH_MODALITIES:
+        raise SkipFile("not_radiograph", "Modality is not CR, DX or DR")
+    if body and not any(word in body for word in CHEST_WORDS):
+        raise SkipFile("not_chest", "Body Part Examined is not the chest")
+    if view and view.split()[0] not in FRONTAL_VIEWS:
+        raise SkipFile("not_frontal", "View Position is not PA or AP")
+
+
+def _count(ds: Dataset, keyword: str) -> int:
+    try:
+        return int(ds.get(keyword, 1) or 1)
+    except Exception as exc:  # noqa: BLE001 -- e.g. '1A': the reason names the tag, not the value
+        raise SkipFile("unsupported", f"malformed {keyword}") from exc
+
+
+def _check_pixels(ds: Dataset) -> None:
     if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
-        raise SkipFile("not_image", f"no pixel data (SOP class {ds.get('SOPClassUID', '?')})")
-    photometric = str(ds.get("PhotometricInterpretation", "")).strip()
-    if int(ds.get("SamplesPerPixel", 1)) != 1 or photometric not in ("MONOCHROME1", "MONOCHROME2"):
-        raise SkipFile("unsupported", f"not grayscale ({photometric or 'no Photometric Interpretation'})")
-    if int(ds.get("NumberOfFrames", 1) or 1) != 1:
+        raise SkipFile("not_image", "no pixel data")
+
+
+def _check_grayscale(ds: Dataset) -> None:
+    _check_pixels(ds)
+    photometric = _text(ds, "PhotometricInterpretation")
+    if _count(ds, "SamplesPerPixel") != 1 or photometric not in ("MONOCHROME1", "MONOCHROME2"):
+        raise SkipFile("unsupported", "not a grayscale image")
+    if _count(ds, "NumberOfFrames") != 1:
         raise SkipFile("unsupported", "multi-frame")
 
 
@@ -117,13 +159,13 @@ def display_image(ds: Dataset) -> np.ndarray:
     try:
         raw = ds.pixel_array
     except Exception as exc:  # corrupt stream, truncated data, no decoder plugin for the transfer syntax...
-        raise SkipFile("decode_failed", f"{type(exc).__name__}: {exc}") from exc
+        raise SkipFile("decode_failed", type(exc).__name__) from exc
     if raw.ndim != 2:
-        raise SkipFile("unsupported", f"pixel array of shape {raw.shape}")
+        raise SkipFile("unsupported", f"a {raw.ndim}-d pixel array")
     try:
         shown = apply_voi_lut(apply_modality_lut(raw, ds), ds, prefer_lut=True).astype(np.float64)
     except Exception as exc:  # malformed LUT descriptor, non-numeric window...
-        raise SkipFile("decode_failed", f"grayscale transform: {type(exc).__name__}: {exc}") from exc
+        raise SkipFile("decode_failed", f"grayscale transform: {type(exc).__name__}") from exc
     if str(ds.PhotometricInterpretation).strip() == "MONOCHROME1":
         shown = shown.max() + shown.min() - shown  # same range, reversed: minimum = white
     return shown
@@ -204,7 +246,9 @@ def read_dicom(path: Path, size: int) -> tuple[np.ndarray, tuple[bool, bool]]:
     try:
         ds = pydicom.dcmread(path)
     except Exception as exc:  # InvalidDicomError, EOFError, OSError, a corrupt element...
-        raise SkipFile("unreadable", f"{type(exc).__name__}: {exc}") from exc
+        raise SkipFile("unreadable", type(exc).__name__) from exc
+    _check_pixels(ds)  # a report is not an image, before it is not a radiograph
+    check_chest_radiograph(ds)
     shown = display_image(ds)
     try:
         orientation = ds.get("PatientOrientation")
@@ -372,7 +416,7 @@ def load_external(root: Path, splits: Sequence[str], size: int, normal_label: st
             continue
         except Exception as exc:  # noqa: BLE001 -- anything unforeseen in one file: count it, never stop the run
             counts["skipped_decode_failed"] += 1
-            log.append(f"skipped {path.parent.name}/{path.name}: decode_failed: {type(exc).__name__}: {exc}")
+            log.append(f"skipped {path.parent.name}/{path.name}: decode_failed: {type(exc).__name__}")
             continue
         counts["flipped_left_right"] += lr
         counts["flipped_up_down"] += ud
