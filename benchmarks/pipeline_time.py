@@ -4,7 +4,7 @@ nothing, then a no-op `dvc repro`, then the user's experiment `dvc exp run -S ld
 Writes ``metrics/pipeline_time.json`` (into the scratch clone and, with ``--copy-back``, into this checkout together
 with the run's ``dvc.lock`` and ``metrics/``): per-stage wall seconds of the full run and of the experiment (from the
 time each "Running stage" line appears to the next), ``repro_total_s``, ``noop_s``, ``guidance_experiment_s``, the CPU
-model, core and thread counts. The README's stage table is generated from this file (``benchmarks/stage_table.py``).
+model, core and thread counts. The README's stage table is generated from this file (``benchmarks/readme_tables.py``).
 
     python benchmarks/pipeline_time.py --scratch /tmp/bench --copy-back
 """

@@ -3,7 +3,9 @@ the real pipeline stages on it (each test then checks what it needs)."""
 
 from __future__ import annotations
 
+import inspect
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -32,7 +34,7 @@ REAL_NPZ = Path(os.environ.get("PNEUMONIAMNIST_NPZ", REPO.parent / "shared" / "d
 
 # With whole files per xdist worker the longest file bounds the suite, so it is scheduled first. It builds the shared
 # tiny `dvc repro` project (tests/dvc_project.py); the other file that needs it goes last, by when it is built.
-FIRST, LAST = ("test_dvc.py",), ("test_dvc_sampling.py",)
+FIRST, LAST = ("test_dvc.py",), ("test_dvc_sampling.py", "test_report.py", "test_reader_study.py")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -106,70 +108,29 @@ class Workspace:
         return self.root / rel
 
 
+# the stages the session's in-process run covers, in dvc.yaml order (utility, its real runs, the reader study and the
+# report run in the tiny `dvc repro` project of tests/dvc_project.py)
+FIXTURE_STAGES = ("prepare", "fid_ref", "train_autoencoder", "evaluate_autoencoder", "encode_latents", "train_classifier",
+                  "train_guide", "tune", "train_ldm", "sample", "fid", "privacy", "guidance_sweep", "counterfactual",
+                  "counterfactual_baseline", "sampling_speed")
+
+
+def stage_args(name: str, ws: "Workspace") -> list:
+    """A stage's command-line options as dvc.yaml gives them, every path moved into the workspace."""
+    words = shlex.split(yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"][name]["cmd"])[3:]
+    return [w if w.startswith("--") else ws / w for w in words]
+
+
 @pytest.fixture(scope="session")
 def pipeline_run(tmp_path_factory: pytest.TempPathFactory, medmnist_root: Path) -> Workspace:
     """Run every stage, in pipeline order, on the tiny profile."""
     ws = Workspace(tmp_path_factory.mktemp("ws"), Path())
     ws.params = write_params(ws / "params.yaml")
     p = ["--params", ws.params]
-    steps = [
-        ("prepare", ["--out", ws / "data/prepared", "--metrics", ws / "metrics/data.json",
-                     "--grid", ws / "metrics/plots/data_examples.png"]),
-        ("fid_ref", ["--data", ws / "data/prepared", "--out", ws / "data/fid_ref"]),
-        ("train_autoencoder", ["--data", ws / "data/prepared", "--out", ws / "models/autoencoder",
-                               "--metrics", ws / "metrics/autoencoder_train.json",
-                               "--curve", ws / "metrics/plots/autoencoder_loss.tsv"]),
-        ("evaluate_autoencoder", ["--data", ws / "data/prepared", "--model", ws / "models/autoencoder",
-                                  "--fid-ref", ws / "data/fid_ref", "--metrics", ws / "metrics/autoencoder.json",
-                                  "--figure", ws / "metrics/plots/autoencoder_reconstructions.png"]),
-        ("encode_latents", ["--data", ws / "data/prepared", "--model", ws / "models/autoencoder",
-                            "--out", ws / "data/latents", "--metrics", ws / "metrics/latents.json"]),
-        ("train_classifier", ["--data", ws / "data/prepared", "--out", ws / "models/classifier",
-                              "--metrics", ws / "metrics/classifier.json",
-                              "--curve", ws / "metrics/plots/classifier_curve.tsv"]),
-        ("train_guide", ["--data", ws / "data/prepared", "--classifier", ws / "models/classifier",
-                         "--out", ws / "models/guide", "--metrics", ws / "metrics/guide.json",
-                         "--curve", ws / "metrics/plots/guide_curve.tsv"]),
-        ("tune", ["--latents", ws / "data/latents", "--out", ws / "models/tune", "--metrics", ws / "metrics/tune.json",
-                  "--history", ws / "metrics/plots/tune_history.png",
-                  "--importance", ws / "metrics/plots/tune_importance.png"]),
-        ("train_ldm", ["--latents", ws / "data/latents", "--tuned", ws / "models/tune/best_params.yaml",
-                       "--out", ws / "models/ldm", "--metrics", ws / "metrics/ldm.json",
-                       "--curve", ws / "metrics/plots/ldm_loss.tsv"]),
-        ("sample", ["--ldm", ws / "models/ldm", "--autoencoder", ws / "models/autoencoder", "--latents",
-                    ws / "data/latents", "--out", ws / "data/samples", "--metrics", ws / "metrics/sample.json",
-                    "--grid", ws / "metrics/plots/samples.png"]),
-        ("fid", ["--samples", ws / "data/samples", "--fid-ref", ws / "data/fid_ref",
-                         "--data", ws / "data/prepared", "--classifier", ws / "models/classifier",
-                         "--metrics", ws / "metrics/fid.json", "--features", ws / "data/sample_features.npz"]),
-        ("privacy", ["--samples", ws / "data/samples", "--features", ws / "data/sample_features.npz",
-                     "--data", ws / "data/prepared", "--fid-ref", ws / "data/fid_ref",
-                     "--metrics", ws / "metrics/privacy.json",
-                     "--pairs-figure", ws / "metrics/plots/privacy_closest_pairs.png",
-                     "--distances-figure", ws / "metrics/plots/privacy_distances.png"]),
-        ("guidance_sweep", ["--ldm", ws / "models/ldm", "--autoencoder", ws / "models/autoencoder",
-                            "--latents", ws / "data/latents", "--fid-ref", ws / "data/fid_ref", "--classifier", ws / "models/classifier",
-                            "--metrics", ws / "metrics/guidance_sweep.json",
-                            "--curve", ws / "metrics/plots/guidance_sweep.tsv",
-                            "--figure", ws / "metrics/plots/guidance_sweep.png",
-                            "--grid", ws / "metrics/plots/guidance_sweep_samples.png"]),
-        ("counterfactual", ["--data", ws / "data/prepared", "--ldm", ws / "models/ldm",
-                            "--autoencoder", ws / "models/autoencoder", "--classifier", ws / "models/classifier",
-                            "--guide", ws / "models/guide", "--out", ws / "data/counterfactuals.npz",
-                            "--metrics", ws / "metrics/counterfactual.json",
-                            "--curve", ws / "metrics/plots/counterfactual_sweep.tsv",
-                            "--figure", ws / "metrics/plots/counterfactual_sweep.png",
-                            "--frontier", ws / "metrics/plots/counterfactual_frontier.png",
-                            "--panels", ws / "metrics/plots/counterfactual_panels.png"]),
-        ("counterfactual_baseline", ["--edits", ws / "data/counterfactuals.npz", "--ldm", ws / "models/ldm",
-                                     "--autoencoder", ws / "models/autoencoder", "--classifier", ws / "models/classifier",
-                                     "--cohort-settings", ws / "data/samples/settings.json",
-                                     "--metrics", ws / "metrics/counterfactual_baseline.json"]),
-        ("sampling_speed", ["--ldm", ws / "models/ldm", "--autoencoder", ws / "models/autoencoder",
-                            "--cohort-settings", ws / "data/samples/settings.json", "--metrics", ws / "metrics/sampling_speed.json"]),
-    ]
+    steps = [(name, stage_args(name, ws)) for name in FIXTURE_STAGES]
     for module, args in steps:
-        mod = __import__(f"pipeline.{module}", fromlist=["SECTION"])
-        code = run(module, args + (p if mod.SECTION else []))
+        mod = __import__(f"pipeline.{module}", fromlist=["app"])
+        takes_params = "params" in inspect.signature(mod.app.registered_commands[0].callback).parameters
+        code = run(module, args + (p if takes_params else []))
         assert code == 0, f"stage {module} failed with exit code {code}"
     return ws

@@ -160,7 +160,7 @@ def test_agreement_counts_the_same_calls():
 
 def test_guide_stage_needs_the_evaluators_whole_recipe(pipeline_run, tmp_path, capsys):
     import yaml
-    from conftest import default_params, run
+    from conftest import run
 
     params = yaml.safe_load(pipeline_run.params.read_text())
     del params["classifier"]["epochs"]

@@ -4,6 +4,9 @@ lock, a second repro runs nothing, and a training param reruns exactly its stage
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -39,7 +42,7 @@ def test_a_param_reruns_only_its_stage_and_what_follows(project):
     params["autoencoder"]["epochs"] = 1
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     try:
-        assert stale_stages(project) == {"check_params", "train_autoencoder"}  # the stages whose deps changed
+        assert stale_stages(project) == {"check_params", "report", "train_autoencoder"}  # whose deps changed (the params file)
         out = dvc(project, "repro").stdout
         ran = ran_stages(out)
         assert ran == downstream(project, "train_autoencoder") | {"check_params"}
@@ -48,3 +51,20 @@ def test_a_param_reruns_only_its_stage_and_what_follows(project):
     finally:
         restore(project)
     assert stale_stages(project) == set()
+
+
+def test_a_misspelt_key_stops_the_run_naming_the_closest_key(project):
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["ldm"]["guidance_scal"] = 4.0  # the typo that used to be ignored silently
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    try:
+        assert "check_params" in stale_stages(project)  # the whole file is checked whenever it changes
+        proc = subprocess.run([sys.executable, "-m", "dvc", "repro"], cwd=project, capture_output=True, text=True,
+                              env={**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}"
+                                   f"{os.environ['PATH']}", "PYTHONPATH": str(project)})
+        assert proc.returncode != 0
+        out = proc.stdout + proc.stderr
+        assert "'ldm.guidance_scal'" in out and "did you mean 'ldm.guidance_scale'" in out, out[-3000:]
+        assert "Running stage 'train_ldm'" not in out
+    finally:
+        restore(project)

@@ -29,8 +29,8 @@ def test_sampling_params_never_retrain(project, key, value):
     # the guidance sweep samples as the cohorts do, so it follows their sampler settings (not guidance, its axis)
     follows = {"guidance_sweep"} if key in SWEEP_PARAMS["ldm"] else set()
     try:
-        # check_params (seconds) checks every params change before the run
-        assert stale_stages(project) == {"check_params", "sample"} | follows
+        # check_params and report (seconds) depend on the whole params file
+        assert stale_stages(project) == {"check_params", "report", "sample"} | follows
         if key == "guidance_scale":  # run it for real once: only sample and fid run
             out = dvc(project, "repro").stdout
             assert "'train_ldm' didn't change" in out or "train_ldm" not in out
