@@ -55,7 +55,8 @@ def test_reloaded_model_reproduces_the_reported_metrics(pipeline_run):
     np.testing.assert_array_equal(evaluator.predict(images), (prob >= evaluator.threshold).astype(np.int64))
 
 
-def test_predictions_and_features_depend_on_the_image(pipeline_run):
+def test_predictions_and_features_depend_on_the_image(pipeline_run, monkeypatch):
+    monkeypatch.setenv("CXR_PRECISION", "fp32")  # fc(features) == logits exactly: both in float32
     evaluator = load_classifier(pipeline_run / "models/classifier", torch.device("cpu"))
     images, _ = real_images(pipeline_run / "data/prepared", "val")
     prob = evaluator.predict_proba(images)

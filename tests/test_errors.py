@@ -51,7 +51,7 @@ def test_missing_file_offline(tmp_path, bad_root, monkeypatch, capsys):
     def offline(root, size):
         raise urllib.error.URLError("no network")
 
-    monkeypatch.setattr("pipeline.data._download", offline)
+    monkeypatch.setattr("pipeline.core.data._download", offline)
     params = write_params(tmp_path / "p.yaml", data={"root": str(bad_root)})
     assert run("prepare", prepare_args(tmp_path, params)) == 1
     err = capsys.readouterr().err

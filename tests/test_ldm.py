@@ -115,7 +115,8 @@ def test_min_snr_weights():
         snr_weights(sched, t, 0.0)
 
 
-def test_min_snr_loss_weights_each_sample_and_zero_is_plain_mse(unet):
+def test_min_snr_loss_weights_each_sample_and_zero_is_plain_mse(unet, monkeypatch):
+    monkeypatch.setenv("CXR_PRECISION", "fp32")  # the weighting's arithmetic, compared exactly with a float32 loop
     sched = make_ddpm(scheduler_args(1000, "scaled_linear_beta", "epsilon"))
     z0, labels = torch.randn(6, 2, 16, 16), torch.tensor([0, 1] * 3)
     plain = diffusion_loss(unet, sched, z0, labels, torch.Generator().manual_seed(3))
@@ -324,17 +325,17 @@ def test_sampling_speed_metrics(pipeline_run):
 
 
 def test_generate_command_writes_png_and_dicom(pipeline_run, tmp_path):
+    from conftest import invoke_command
     from PIL import Image
-    from typer.testing import CliRunner
 
-    from pipeline.generate import app
+    from pipeline import generate
 
     out = tmp_path / "gen"
-    result = CliRunner().invoke(app, ["--label", "pneumonia", "-n", "3", "--seed", "10", "--format", "both",
+    result = invoke_command(generate, ["--label", "pneumonia", "-n", "3", "--seed", "10", "--format", "both",
                                       "--steps", "5", "--guidance-scale", "2.0", "--out", str(out),
                                       "--ldm", str(pipeline_run / "models/ldm"),
                                       "--autoencoder", str(pipeline_run / "models/autoencoder"),
-                                      "--latents", str(pipeline_run / "data/latents")])
+                                      "--latents", str(pipeline_run / "data/latents")], pipeline_run.params)
     assert result.exit_code == 0, result.output
     pngs = sorted(out.glob("*.png"))
     assert [p.name for p in pngs] == [f"pneumonia_seed{s:06d}.png" for s in (10, 11, 12)]
@@ -342,24 +343,24 @@ def test_generate_command_writes_png_and_dicom(pipeline_run, tmp_path):
     assert len(list((out / "dicom").glob("*.dcm"))) == 3
     # image 11 of this run is image 1 of a run started at seed 10 ... and equals a fresh run at seed 11
     again = tmp_path / "again"
-    CliRunner().invoke(app, ["--label", "pneumonia", "-n", "1", "--seed", "11", "--steps", "5",
+    invoke_command(generate, ["--label", "pneumonia", "-n", "1", "--seed", "11", "--steps", "5",
                              "--guidance-scale", "2.0", "--out", str(again),
                              "--ldm", str(pipeline_run / "models/ldm"),
                              "--autoencoder", str(pipeline_run / "models/autoencoder"),
-                             "--latents", str(pipeline_run / "data/latents")])
+                             "--latents", str(pipeline_run / "data/latents")], pipeline_run.params)
     a = np.asarray(Image.open(out / "pneumonia_seed000011.png")).astype(int)
     b = np.asarray(Image.open(again / "pneumonia_seed000011.png")).astype(int)
     assert np.abs(a - b).max() <= 1
     # the x0 spread needs the training latents: a clear error without them, none with the spread off
-    missing = CliRunner().invoke(app, ["--label", "normal", "-n", "1", "--steps", "5", "--out", str(tmp_path / "m"),
+    missing = invoke_command(generate, ["--label", "normal", "-n", "1", "--steps", "5", "--out", str(tmp_path / "m"),
                                        "--ldm", str(pipeline_run / "models/ldm"),
                                        "--autoencoder", str(pipeline_run / "models/autoencoder"),
-                                       "--latents", str(tmp_path / "nowhere")])
+                                       "--latents", str(tmp_path / "nowhere")], pipeline_run.params)
     assert isinstance(missing.exception, PipelineError) and "train.npz not found" in str(missing.exception)
-    off = CliRunner().invoke(app, ["--label", "normal", "-n", "1", "--steps", "5", "--out", str(tmp_path / "off"),
+    off = invoke_command(generate, ["--label", "normal", "-n", "1", "--steps", "5", "--out", str(tmp_path / "off"),
                                    "--x0-spread", "1", "--ldm", str(pipeline_run / "models/ldm"),
                                    "--autoencoder", str(pipeline_run / "models/autoencoder"),
-                                   "--latents", str(tmp_path / "nowhere")])
+                                   "--latents", str(tmp_path / "nowhere")], pipeline_run.params)
     assert off.exit_code == 0, off.output
 
 
@@ -368,27 +369,26 @@ def test_generate_help_explains_every_option():
 
     from pipeline.generate import app
 
-    result = CliRunner().invoke(app, ["--help"])
+    result = CliRunner().invoke(app, ["--help"], env={"COLUMNS": "200", "TERMINAL_WIDTH": "200"})
     assert result.exit_code == 0
     for option in ["--label", "--n", "--out", "--format", "--seed", "--guidance-scale", "--guidance-max-t", "--steps",
                    "--x0-spread", "--x0-spread-min-t", "--ldm", "--latents"]:
         assert option in result.output
 
 
-def test_generate_defaults_are_the_cohort_sampler_params():
-    import inspect
-
+def test_generate_defaults_are_the_cohort_sampler_params(tmp_path):
+    import yaml
     from conftest import default_params
 
-    from pipeline.generate import app
+    from pipeline import generate
+    from pipeline.core.cli import command_defaults
 
     ldm = default_params()["ldm"]
-    options = inspect.signature(app.registered_commands[0].callback).parameters
-    names = ("guidance_scale", "guidance_max_t", "steps", "clip_denoised", "eta", "x0_spread", "x0_spread_min_t")
-    defaults = {name: options[name].default.default for name in names}
-    assert defaults == {"guidance_scale": ldm["guidance_scale"], "guidance_max_t": ldm["guidance_max_t"],
-                        "steps": ldm["num_inference_steps"], "clip_denoised": ldm["clip_denoised"], "eta": ldm["eta"],
-                        "x0_spread": ldm["x0_spread"], "x0_spread_min_t": ldm["x0_spread_min_t"]}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(default_params()))
+    defaults = command_defaults(generate.app, generate.SECTION, ["--params", str(tmp_path / "params.yaml")], False)
+    names = ("guidance_scale", "guidance_max_t", "num_inference_steps", "clip_denoised", "eta", "x0_spread",
+             "x0_spread_min_t", "sample_batch_size")
+    assert {k: defaults[k] for k in names} == {k: ldm[k] for k in names}  # the cohorts' sampler, from params.yaml
 
 
 def test_with_spread_centres_the_spread_on_the_training_class_means(pipeline_run, tmp_path):

@@ -109,7 +109,7 @@ def test_features_of_another_cohort_are_refused(tmp_path):
     save_npz(tmp_path / "f.npz", features=np.zeros((4, 2048), np.float32), labels=np.array([0, 1, 1, 1]))
     with pytest.raises(PipelineError, match="rerun the fid stage"):
         load_cohort(tmp_path / "s", tmp_path / "f.npz")
-    with pytest.raises(PipelineError, match="run the fid stage first"):
+    with pytest.raises(PipelineError, match="dvc repro fid"):
         load_cohort(tmp_path / "s", tmp_path / "missing.npz")
 
 

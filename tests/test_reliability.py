@@ -4,6 +4,7 @@ same weights, temporaries of dead runs go away, any step count trains, and corru
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -31,8 +32,8 @@ def test_one_cycle_trains_any_step_count(pct):
             lrs.append(opt.param_groups[0]["lr"])
             sched.step()
         assert all(np.isfinite(lrs)) and max(lrs) <= 1e-3 * (1 + 1e-9), (total, lrs)
-        if total >= 4:
-            assert max(lrs) > 0.9e-3 and lrs[-1] < 0.1e-3, (total, max(lrs), lrs[-1])  # it warms up, then anneals
+        if total >= 10:  # it warms up to the peak, then anneals (with fewer steps the grid may miss the peak)
+            assert max(lrs) > 0.9e-3 and lrs[-1] < 0.1e-3, (total, max(lrs), lrs[-1])
 
 
 def dead_pid() -> int:
@@ -51,9 +52,9 @@ def test_temporaries_of_dead_runs_are_removed(tmp_path):
     with atomic_outputs(out) as (tmp,):
         tmp.mkdir()
     assert out.is_dir() and not dead.exists() and alive.exists()
-    git = subprocess.run(["git", "check-ignore", "-q", f"models/.ldm{TMP_INFIX}123", "models/.ldm.checkpoint"],
-                         cwd=REPO)
-    assert git.returncode == 0  # git ignores both
+    git = subprocess.run(["git", "check-ignore", f"models/.ldm{TMP_INFIX}123", "models/.ldm.checkpoint"], cwd=REPO,
+                         capture_output=True, text=True)
+    assert git.stdout.split() == [f"models/.ldm{TMP_INFIX}123", "models/.ldm.checkpoint"]  # git ignores both
 
 
 def ldm_args(ws, out: Path) -> list[str]:
@@ -101,7 +102,8 @@ def test_a_killed_training_resumes_to_the_same_weights(pipeline_run, long_ldm, t
     assert not out.exists()
     resumed = run_subprocess("train_ldm", ldm_args(pipeline_run, out) + p)
     assert resumed.returncode == 0, resumed.stderr
-    assert "resuming from" in resumed.stderr
+    first = re.search(r"train_ldm:\s+\d+%\|[^|]*\|\s*(\d+)/(\d+)", resumed.stderr)
+    assert first and 0 < int(first.group(1)) < int(first.group(2)), resumed.stderr[-2000:]  # it started midway
     a, b = load_file(str(tmp_path / "whole/model.safetensors")), load_file(str(out / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert (tmp_path / "whole.tsv").read_text() == (tmp_path / "killed.tsv").read_text()  # the same curve, too

@@ -29,7 +29,7 @@ def tune_args(ws, out, params) -> list:
 def tiny_study(tmp_path, n_trials: int, trial_steps: int = 4, name: str = "s"):
     """A study on the tiny profile's space, created as the stage creates it, in an SQLite file under ``tmp_path``."""
     params = yaml.safe_load((REPO / "tests/params_tiny.yaml").read_text())
-    tune, ldm = params["tune"], params["ldm"]
+    tune, ldm = params["tune"], params["train_ldm"]
     url = f"sqlite:///{tmp_path / 'study.db'}"
     space = {k: tune[k] for k in ("lr_range", "channel_options", "attention_options", "res_block_options")}
     budget = {"n_trials": n_trials, "timeout_min": 0.0, "trial_steps": trial_steps, "eval_every": 2,

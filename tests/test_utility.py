@@ -12,7 +12,7 @@ import yaml
 from conftest import run
 
 from pipeline.core.artifacts import save_npz
-from pipeline.core.cli import PipelineError
+from pipeline.core.cli import PipelineError, load_section
 from pipeline.core.data import real_images
 from pipeline.evaluation.classifier import Recipe
 from pipeline.evaluation.utility import (
@@ -109,7 +109,7 @@ def test_training_sets_add_the_synthetic_cohort_to_the_same_real_subset():
 
 def test_a_cohort_that_is_not_label_matched_is_refused(tmp_path):
     real, syn = fake_sets()
-    with pytest.raises(PipelineError, match="run the sample stage first"):
+    with pytest.raises(PipelineError, match="dvc repro sample"):
         load_cohort(tmp_path, real)
     save_npz(tmp_path / "cohort_matched.npz", images=syn[0], labels=labels_of((7, 9)))
     with pytest.raises(PipelineError, match=r"not label-matched .*\[7, 9\] vs \[6, 10\]"):
@@ -129,20 +129,29 @@ def test_recipe_comes_from_the_classifier_section(tmp_path):
     with pytest.raises(PipelineError, match="lacks classifier.lr"):
         read_recipe(tmp_path / "p.yaml")
     params["classifier"]["lr"], params["classifier"]["lrr"] = 0.1, 0.1
-    (tmp_path / "p.yaml").write_text(yaml.safe_dump(params))
+    # a misspelt key is the section owner's error: train_classifier (declaring the whole section) rejects it
+    from pipeline import train_classifier
     with pytest.raises(PipelineError, match="unknown params key.*classifier.lrr"):
-        read_recipe(tmp_path / "p.yaml")
+        load_section(params, "classifier", [train_classifier.app])
 
 
-def utility_args(ws, out, samples=None) -> list:
-    return ["--params", ws.params, "--data", ws / "data/prepared", "--samples", samples or ws / "data/samples",
-            "--metrics", out / "utility.json", "--curve", out / "utility.tsv", "--figure", out / "utility.png"]
+def utility_args(ws, out, samples=None, params=None) -> list:
+    return ["--params", params or ws.params, "--data", ws / "data/prepared", "--samples",
+            samples or ws / "data/samples", "--real-runs", out / "utility_real.json", "--metrics", out / "utility.json",
+            "--curve", out / "utility.tsv", "--figure", out / "utility.png"]
+
+
+def run_both(ws, out, samples=None, params=None) -> int:
+    """utility_real (the real-only runs), then utility (the regimes with the cohort), as dvc repro runs them."""
+    code = run("utility_real", ["--params", params or ws.params, "--data", ws / "data/prepared",
+                                "--out", out / "utility_real.json", "--metrics", out / "utility_real_metrics.json"])
+    return code or run("utility", utility_args(ws, out, samples, params))
 
 
 @pytest.fixture(scope="module")
 def utility_run(pipeline_run, tmp_path_factory):
     out = tmp_path_factory.mktemp("utility")
-    assert run("utility", utility_args(pipeline_run, out)) == 0
+    assert run_both(pipeline_run, out) == 0
     return out
 
 
@@ -177,7 +186,10 @@ def test_stage_writes_the_curve_and_the_figure(utility_run):
 
 
 def test_same_seed_gives_the_same_runs(utility_run, pipeline_run, tmp_path):
-    assert run("utility", utility_args(pipeline_run, tmp_path) + ["--seeds", "1", "--fractions", "0.5"]) == 0
+    params = yaml.safe_load(pipeline_run.params.read_text())
+    params["utility"] |= {"seeds": [1], "fractions": [0.5]}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    assert run_both(pipeline_run, tmp_path, params=tmp_path / "params.yaml") == 0
     again, first = (json.loads((d / "utility.json").read_text()) for d in (tmp_path, utility_run))
     for name in ("syn_only", "real50", "real50_syn", "real100"):
         assert again[f"{name}_auc_seed1"] == first[f"{name}_auc_seed1"], name
@@ -189,6 +201,9 @@ def test_stage_refuses_a_mismatched_cohort(pipeline_run, tmp_path, capsys):
     (tmp_path / "samples").mkdir()
     save_npz(tmp_path / "samples/cohort_matched.npz", images=images[:20], labels=labels[:20])
     capsys.readouterr()
+    (tmp_path / "out").mkdir()
+    assert run("utility_real", ["--params", pipeline_run.params, "--data", pipeline_run / "data/prepared", "--out",
+                                tmp_path / "out/utility_real.json", "--metrics", tmp_path / "out/m.json"]) == 0
     assert run("utility", utility_args(pipeline_run, tmp_path / "out", tmp_path / "samples")) == 1
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("error: ") and "not label-matched" in err and "Traceback" not in err
