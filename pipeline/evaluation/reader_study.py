@@ -174,16 +174,18 @@ def score(key: dict[str, Any], readers: Sequence[dict[str, Any]]) -> dict[str, A
 
     items = key["items"]
     rs_ids = sorted(i for i, t in items.items() if t["part"] == "real_or_synthetic")
+    label_ids = {s: [i for i, t in items.items() if t["part"] == "label" and t["source"] == s]
+                 for s in ("real", "synthetic")}
+    cf_ids = [i for i, t in items.items() if t["part"] == "counterfactual"]
     out: dict[str, Any] = {"n_readers": len(readers), "per_reader": {}}
     pooled = {"rs": [0, 0], "label_real": [0, 0], "label_synthetic": [0, 0], "finding": [], "same_child": []}
     for r in readers:
         a = r["answers"]
         rs = sum(a[i]["call"] == items[i]["source"] for i in rs_ids)
         label = {s: [sum(("pneumonia" if items[i]["label"] else "normal") == a[i]["call"] for i in ids), len(ids)]
-                 for s in ("real", "synthetic")
-                 for ids in [[i for i, t in items.items() if t["part"] == "label" and t["source"] == s]]}
-        finding = [a[i]["finding"] for i, t in items.items() if t["part"] == "counterfactual"]
-        same = [a[i]["same_child"] for i, t in items.items() if t["part"] == "counterfactual"]
+                 for s, ids in label_ids.items()}
+        finding = [a[i]["finding"] for i in cf_ids]
+        same = [a[i]["same_child"] for i in cf_ids]
         out["per_reader"][r["reader_id"]] = {
             "real_or_synthetic": _proportion(rs, len(rs_ids)),
             "label_accuracy_real": label["real"][0] / max(label["real"][1], 1),
