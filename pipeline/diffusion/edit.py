@@ -49,6 +49,7 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass
 from enum import Enum
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -61,9 +62,8 @@ from tqdm import tqdm
 from pipeline.core.cli import PipelineError
 from pipeline.diffusion.guidance import NULL_CLASS, guided_output
 from pipeline.diffusion.sampler import Sampler, ddim_denoise
-from pipeline.evaluation.classifier import Evaluator
 
-__all__ = ["Method", "InversionLabel", "GuidanceReference", "Mask", "StrengthRule", "EditSettings", "edit_timesteps",
+__all__ = ["Guide", "Method", "InversionLabel", "GuidanceReference", "Mask", "StrengthRule", "EditSettings", "edit_timesteps",
            "invert", "invert_trajectory", "mask_seeds", "diffedit_mask", "denoise_from", "noise_to", "way_up",
            "way_down", "edit_latents", "Inversion",
            "smooth_change", "unclamped", "model_input", "edit_images", "edit_at", "guide_accepts", "edit_guided",
@@ -71,6 +71,17 @@ __all__ = ["Method", "InversionLabel", "GuidanceReference", "Mask", "StrengthRul
            "GUIDE_MARGIN_OPTION", "INVERSION_LABEL_OPTION", "GUIDANCE_SCALE_OPTION", "GUIDANCE_REFERENCE_OPTION",
            "MASK_OPTION", "MASK_THRESHOLD_OPTION", "MASK_NOISE_DRAWS_OPTION", "INVERSION_GUIDANCE_OPTION",
            "CLIP_DENOISED_OPTION", "CHANGE_SIGMA_OPTION", "NUM_INFERENCE_STEPS_OPTION", "SEED_OPTION"]
+
+
+class Guide(Protocol):
+    """What stops a guided edit: a classifier with a probability of pneumonia and a decision threshold (the
+    ``train_guide`` stage's :class:`pipeline.evaluation.classifier.Evaluator` is one)."""
+
+    threshold: float
+
+    def predict_proba(self, images: np.ndarray) -> np.ndarray:
+        """Probability of pneumonia of each image (N×P×P uint8)."""
+        ...
 
 class Method(str, Enum):
     """How an edit goes up the diffusion process."""
@@ -511,7 +522,7 @@ def guide_accepts(prob: np.ndarray, threshold: float, target: np.ndarray, margin
 
 
 def edit_guided(sampler: Sampler, images: np.ndarray, source: np.ndarray, target: np.ndarray, settings: EditSettings,
-                strengths: list[float] | tuple[float, ...], guide: Evaluator, margin: float, seeds: list[int],
+                strengths: list[float] | tuple[float, ...], guide: Guide, margin: float, seeds: list[int],
                 batch_size: int, desc: str = "editing",
                 inversion: Inversion | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Each image edited at the smallest of ``strengths`` whose edit the guide calls the target class.

@@ -122,7 +122,7 @@ class Sampler:
         if x0_spread != 1 and (class_means is None or len(class_means) != len(CLASSES)):
             raise ValueError(f"x0_spread {x0_spread} needs the class mean latents, one per class {CLASSES}")
         unet, self.config = load_model(ldm_dir, REGISTRY)
-        self.unet = MixedPrecision(unet.to(device)).eval()  # bf16 where the CPU or GPU computes it natively
+        self.unet = MixedPrecision(unet.to(device)).eval()  # float32 on the CPU, bf16 autocast on CUDA
         self.ae, ae_config = load_model(ae_dir, REGISTRY)
         self.ae.to(device)
         self.pad = ae_config["data"]["pad"]

@@ -16,8 +16,8 @@ from tqdm import tqdm
 
 from pipeline.core.cli import PipelineError
 from pipeline.core.optim import Checkpoint
-from pipeline.core.runtime import autocast
 from pipeline.diffusion.guidance import drop_labels
+from pipeline.diffusion.networks import unet_autocast
 from pipeline.diffusion.schedule import snr_weights, training_target
 
 __all__ = ["NonFiniteLoss", "ema_avg_fn", "lr_lambda", "diffusion_loss", "validation_loss", "fit"]
@@ -54,12 +54,12 @@ def diffusion_loss(unet: torch.nn.Module, sched, z0: torch.Tensor, labels: torch
                    gen: torch.Generator, min_snr_gamma: float = 0.0) -> torch.Tensor:
     """MSE between the U-Net output and its target at random timesteps, with noise from ``gen``; each sample
     weighted by :func:`pipeline.diffusion.schedule.snr_weights` when ``min_snr_gamma`` > 0 (0 = the plain MSE).
-    The U-Net runs under :func:`pipeline.core.runtime.autocast` (bfloat16 where the device computes it natively);
-    the loss is float32."""
+    The U-Net runs under :func:`pipeline.diffusion.networks.unet_autocast` (float32 on the CPU, bfloat16 autocast
+    on CUDA); the loss is float32."""
     noise = torch.randn(z0.shape, generator=gen).to(z0.device)
     t = torch.randint(0, sched.num_train_timesteps, (len(z0),), generator=gen).to(z0.device)
     zt = sched.add_noise(original_samples=z0, noise=noise, timesteps=t)
-    with autocast(z0.device):
+    with unet_autocast(z0.device):
         out = unet(zt, timesteps=t, class_labels=labels).float()
     target = training_target(sched, z0, noise, t)
     if min_snr_gamma <= 0:
