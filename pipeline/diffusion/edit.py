@@ -63,9 +63,9 @@ from pipeline.core.cli import PipelineError
 from pipeline.diffusion.guidance import NULL_CLASS, guided_output
 from pipeline.diffusion.sampler import Sampler, ddim_denoise
 
-__all__ = ["Guide", "Method", "InversionLabel", "GuidanceReference", "Mask", "StrengthRule", "EditSettings", "edit_timesteps",
-           "invert", "invert_trajectory", "mask_seeds", "diffedit_mask", "denoise_from", "noise_to", "way_up",
-           "way_down", "edit_latents", "Inversion",
+__all__ = ["Guide", "Method", "InversionLabel", "GuidanceReference", "Mask", "StrengthRule", "EditSettings",
+           "edit_timesteps", "invert", "invert_trajectory", "mask_seeds", "diffedit_mask", "denoise_from", "noise_to",
+           "way_up", "way_down", "edit_latents", "Inversion",
            "smooth_change", "unclamped", "model_input", "edit_images", "edit_at", "guide_accepts", "edit_guided",
            "STRENGTH_HELP", "strength_option", "METHOD_OPTION", "STRENGTH_RULE_OPTION", "GUIDE_STRENGTHS_OPTION",
            "GUIDE_MARGIN_OPTION", "INVERSION_LABEL_OPTION", "GUIDANCE_SCALE_OPTION", "GUIDANCE_REFERENCE_OPTION",
@@ -82,6 +82,7 @@ class Guide(Protocol):
     def predict_proba(self, images: np.ndarray) -> np.ndarray:
         """Probability of pneumonia of each image (N×P×P uint8)."""
         ...
+
 
 class Method(str, Enum):
     """How an edit goes up the diffusion process."""
