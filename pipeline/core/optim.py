@@ -3,7 +3,8 @@
 A checkpoint lives outside the stage's outputs (the folder ``.<output name>.checkpoint`` beside the output, e.g.
 ``models/.ldm.checkpoint``, ignored by git and DVC), is written atomically at the end of every epoch, and carries a
 fingerprint of the run (its settings and the hash of its inputs): a rerun with the same fingerprint resumes from it,
-a rerun with other settings starts afresh. Tensors go to safetensors, everything else to JSON (no pickle). A finished run deletes its checkpoint.
+a rerun with other settings starts afresh. Tensors go to safetensors, everything else to JSON (no pickle). A
+finished run deletes its checkpoint.
 """
 
 from __future__ import annotations
