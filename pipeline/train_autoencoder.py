@@ -63,7 +63,7 @@ def main(
     settings = {"args": args, "epochs": epochs, "batch_size": batch_size, "lr": lr, "kl_weight": kl_weight,
                 "adv_weight": adv_weight, "adv_start_epoch": adv_start_epoch, "disc_channels": disc_channels,
                 "seed": seed}
-    checkpoint = checkpoint_beside(out, settings, data)  # a killed run resumes from its last finished epoch
+    checkpoint = checkpoint_beside(out, settings, data, precision="float32")  # a killed run resumes from its last epoch
     saved = checkpoint.load()
     if saved is not None:
         trainer.load_state(saved["trainer"])

@@ -23,7 +23,7 @@ from pipeline.core.cli import PipelineError, params_option, run_stage
 from pipeline.core.optim import checkpoint_beside
 from pipeline.core.runtime import pick_device
 from pipeline.diffusion.latents import load_train_val
-from pipeline.diffusion.networks import unet_args
+from pipeline.diffusion.networks import unet_args, unet_precision
 from pipeline.diffusion.schedule import make_ddpm, scheduler_args
 from pipeline.diffusion.training import NonFiniteLoss, fit
 from pipeline.diffusion.tune import read_tuned
@@ -87,7 +87,8 @@ def main(
     settings = {"hp": hp, "args": args, "scheduler": sargs, "epochs": epochs, "batch_size": batch_size, "seed": seed,
                 "warmup_steps": warmup_steps, "grad_clip": grad_clip, "label_dropout": label_dropout,
                 "ema_decay": ema_decay, "min_snr_gamma": min_snr_gamma, "latent_norm": latent_norm}
-    checkpoint = checkpoint_beside(out, settings, latents)  # a killed run resumes from its last epoch
+    # a killed run resumes from its last epoch
+    checkpoint = checkpoint_beside(out, settings, latents, precision=unet_precision(device))
 
     def log(row: dict[str, float]) -> None:
         rows.append({"epoch": int(round(row["epoch"])), "train_loss": row["train_loss"], "val_loss": row["val_loss"],

@@ -128,11 +128,10 @@ class Checkpoint:
             shutil.rmtree(self.folder, ignore_errors=True)
 
 
-def checkpoint_beside(out: Path, settings: dict[str, Any], *inputs: Path) -> Checkpoint:
+def checkpoint_beside(out: Path, settings: dict[str, Any], *inputs: Path, precision: str) -> Checkpoint:
     """The checkpoint of the run that writes ``out``: the folder ``.<name>.checkpoint`` beside it (ignored by git and
-    DVC), keyed by the run's settings, its inputs' bytes, the precision and the torch version."""
-    from pipeline.core.runtime import fast_matmul_dtype, pick_device
-
-    key = fingerprint({**settings, "precision": str(fast_matmul_dtype(pick_device())), "torch": torch.__version__},
-                      *inputs)
+    DVC), keyed by the run's settings, its inputs' bytes, the torch version and ``precision``, the arithmetic the
+    training loop really uses (say ``"float32"``; the caller names it, so that a run killed under one precision is
+    never resumed under another)."""
+    key = fingerprint({**settings, "precision": precision, "torch": torch.__version__}, *inputs)
     return Checkpoint(out.with_name(f".{out.name}.checkpoint"), key)

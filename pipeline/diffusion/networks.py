@@ -9,10 +9,10 @@ from typing import Any, Callable
 import torch
 from monai.networks.nets import AutoencoderKL, DiffusionModelUNet, PatchDiscriminator
 
-from pipeline.core.runtime import autocast
+from pipeline.core.runtime import autocast, fast_matmul_dtype
 
-__all__ = ["REGISTRY", "MixedPrecision", "unet_autocast", "autoencoder_args", "unet_args", "kl_loss", "batched",
-           "encode_mean", "reconstruct"]
+__all__ = ["REGISTRY", "MixedPrecision", "unet_autocast", "unet_precision", "autoencoder_args", "unet_args", "kl_loss",
+           "batched", "encode_mean", "reconstruct"]
 
 REGISTRY: dict[str, type[torch.nn.Module]] = {
     "AutoencoderKL": AutoencoderKL,
@@ -31,6 +31,12 @@ def unet_autocast(device: torch.device) -> contextlib.AbstractContextManager[Non
     ``$CXR_PRECISION=fp32`` turns it off there too.
     """
     return autocast(device, enabled=device.type == "cuda")
+
+
+def unet_precision(device: torch.device) -> str:
+    """The name of the arithmetic :func:`unet_autocast` gives the U-Net on ``device`` ("float32" or "bfloat16")."""
+    dtype = fast_matmul_dtype(device) if device.type == "cuda" else None
+    return str(dtype or torch.float32).removeprefix("torch.")
 
 
 class MixedPrecision(torch.nn.Module):
