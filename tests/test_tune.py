@@ -1,23 +1,33 @@
 """The Optuna tune stage: its outputs and train_ldm's use of them, two worker processes on one study, failed trials,
-and a rerun that reproduces the best parameters (tiny profile)."""
+and a rerun that reproduces the best parameters (tiny profile); on a real PostgreSQL server (tests/postgres_server.py):
+the stage with two workers on one study, and a worker killed mid-trial that leaves the study usable."""
 
 from __future__ import annotations
 
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import threading
+import time
 
 import optuna
 import pytest
 import yaml
 from conftest import REPO, run, run_subprocess, write_params
+from postgres_server import postgres_server
 
 from pipeline.diffusion import tune as tuning
 from pipeline.diffusion.training import NonFiniteLoss
-from pipeline.diffusion.tune import SEARCHED, create_study, open_storage, run_worker, summary
+from pipeline.diffusion.tune import (
+    SEARCHED,
+    create_study,
+    open_storage,
+    run_worker,
+    summary,
+)
 
 
 def tune_args(ws, out, params) -> list:
@@ -26,11 +36,12 @@ def tune_args(ws, out, params) -> list:
             "--metrics", f"{out}_tune.json", "--history", f"{out}_history.png", "--importance", f"{out}_importance.png"]
 
 
-def tiny_study(tmp_path, n_trials: int, trial_steps: int = 4, name: str = "s"):
-    """A study on the tiny profile's space, created as the stage creates it, in an SQLite file under ``tmp_path``."""
+def tiny_study(tmp_path, n_trials: int, trial_steps: int = 4, name: str = "s", url: str | None = None):
+    """A study on the tiny profile's space, created as the stage creates it, in ``url`` (default: an SQLite file
+    under ``tmp_path``)."""
     params = yaml.safe_load((REPO / "tests/params_tiny.yaml").read_text())
     tune, ldm = params["tune"], params["train_ldm"]
-    url = f"sqlite:///{tmp_path / 'study.db'}"
+    url = url or f"sqlite:///{tmp_path / 'study.db'}"
     space = {k: tune[k] for k in ("lr_range", "channel_options", "attention_options", "res_block_options")}
     budget = {"n_trials": n_trials, "timeout_min": 0.0, "trial_steps": trial_steps, "eval_every": 2,
               "startup_trials": 1, "pruner": "none"}
@@ -169,3 +180,54 @@ def test_stage_with_two_local_workers(pipeline_run, tmp_path):
     assert "exited with an error" not in proc.stderr  # the spawned worker exited cleanly
     metrics = json.loads((tmp_path / "tune_tune.json").read_text())
     assert metrics["workers"] == 2 and metrics["trials_complete"] + metrics["trials_pruned"] == len(trials)
+
+
+@pytest.fixture(scope="module")
+def postgres() -> str:
+    yield from postgres_server()
+
+
+def test_stage_with_two_workers_on_postgresql(pipeline_run, postgres, tmp_path):
+    params = write_params(tmp_path / "params.yaml", tune={"workers": 2, "n_trials": 5, "trial_steps": 30,
+                                                          "eval_every": 10, "storage": postgres})
+    proc = run_subprocess("tune", tune_args(pipeline_run, tmp_path / "tune", params))
+    assert proc.returncode == 0, proc.stderr
+    study = optuna.load_study(study_name="ldm", storage=postgres)
+    trials = study.trials
+    assert 5 <= len(trials) <= 6 and len({t.number for t in trials}) == len(trials)
+    assert all(t.state in tuning.FINISHED for t in trials)
+    workers = {t.user_attrs["worker"] for t in trials}
+    assert len(workers) == 2, workers  # both processes ran trials of the one study
+    assert not (tmp_path / "tune/study.db").exists()  # nothing went to the SQLite default
+    assert sorted(p.name for p in (tmp_path / "tune").glob("best_params*")) == ["best_params.yaml"]  # written once
+    best = yaml.safe_load((tmp_path / "tune/best_params.yaml").read_text())
+    assert best["trial"] == study.best_trial.number and best["value"] == pytest.approx(study.best_value)
+
+
+def test_a_worker_killed_mid_trial_leaves_the_study_usable(pipeline_run, postgres, tmp_path):
+    url, _ = tiny_study(tmp_path, n_trials=3, trial_steps=100000, name="killed", url=postgres)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "pipeline.tune_worker", "--storage", url, "--study", "killed",
+           "--latents", str(pipeline_run / "data/latents"), "--quiet"]
+    worker = subprocess.Popen(cmd, env=env, stderr=subprocess.DEVNULL)
+    study = optuna.load_study(study_name="killed", storage=url)
+    end = time.monotonic() + 300
+    while not study.get_trials(states=(optuna.trial.TrialState.RUNNING,)) and time.monotonic() < end:
+        time.sleep(1)
+    time.sleep(3)  # well inside its 100,000-step trial
+    worker.send_signal(signal.SIGKILL)
+    worker.wait()
+    (stuck,) = study.get_trials(states=(optuna.trial.TrialState.RUNNING,))
+    time.sleep(125)  # the storage's grace period: a trial whose heartbeat stopped 2 min ago belongs to a dead worker
+
+    # the rerun: short trials from here on (the budget lives in the study's attributes), the stuck one marked failed
+    storage = optuna.storages.RDBStorage(url)
+    budget = {**study.user_attrs["budget"], "trial_steps": 4}
+    storage.set_study_user_attr(study._study_id, "budget", budget)
+    rerun = subprocess.run(cmd + ["--index", "1"], env=env, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr
+    trials = optuna.load_study(study_name="killed", storage=url).trials
+    states = {t.number: t.state for t in trials}
+    assert states[stuck.number] == optuna.trial.TrialState.FAIL  # the dead worker's trial
+    assert len(trials) == 3 and all(s in tuning.FINISHED for s in states.values())  # the budget was spent, no more
+    assert sum(s == optuna.trial.TrialState.COMPLETE for s in states.values()) == 2
