@@ -64,8 +64,21 @@ def main(
     scratch: Path = typer.Option(..., help="Folder for the scratch clone (emptied first)."),
     copy_back: bool = typer.Option(False, help="Copy dvc.lock, metrics/ and pipeline_time.json into this checkout."),
     experiment: bool = typer.Option(True, help="Also time `dvc exp run -S ldm.guidance_scale=4`."),
+    experiment_only: bool = typer.Option(False, help="Time only the guidance experiment, in the scratch clone of an "
+                                         "earlier run of this command (killed after its full and no-op runs), and add "
+                                         "it to that run's pipeline_time.json."),
 ) -> None:
     """Time the full default run, a no-op run and the guidance experiment in a scratch clone."""
+    out = REPO / "metrics" if copy_back else scratch / "metrics"
+    if experiment_only:
+        result = json.loads((out / "pipeline_time.json").read_text())
+        if "repro_total_s" not in result or not (scratch / "dvc.lock").is_file():
+            raise SystemExit(f"no finished full run to add the experiment to in {scratch} / {out}")
+        result["guidance_experiment_s"], result["guidance_experiment_stage_s"] = timed_dvc(
+            scratch, ["exp", "run", "-S", "ldm.guidance_scale=4"], scratch.parent / f"{scratch.name}.log")
+        (out / "pipeline_time.json").write_text(json.dumps(result, indent=2) + "\n")
+        print(json.dumps(result, indent=2))
+        return
     shutil.rmtree(scratch, ignore_errors=True)
     subprocess.run(["git", "clone", "-q", str(REPO), str(scratch)], check=True)
     log = scratch.parent / f"{scratch.name}.log"
@@ -86,7 +99,6 @@ def main(
                 dest = REPO / path.relative_to(scratch)
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy(path, dest)
-    out = REPO / "metrics" if copy_back else scratch / "metrics"
     (out / "pipeline_time.json").write_text(json.dumps(result, indent=2) + "\n")
     if experiment:
         result["guidance_experiment_s"], result["guidance_experiment_stage_s"] = timed_dvc(

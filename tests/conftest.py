@@ -33,8 +33,9 @@ REAL_NPZ = Path(os.environ.get("PNEUMONIAMNIST_NPZ", REPO.parent / "shared" / "d
 
 
 # With whole files per xdist worker the longest file bounds the suite, so it is scheduled first. It builds the shared
-# tiny `dvc repro` project (tests/dvc_project.py); the other file that needs it goes last, by when it is built.
-FIRST, LAST = ("test_dvc.py",), ("test_dvc_sampling.py", "test_report.py", "test_reader_study.py", "test_browser.py")
+# tiny `dvc repro` project (tests/dvc_project.py); the other files that need it go last, by when it is built.
+FIRST = ("test_dvc.py",)
+LAST = ("test_dvc_sampling.py", "test_dvc_queue.py", "test_report.py", "test_reader_study.py", "test_browser.py")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
