@@ -188,16 +188,19 @@ def postgres() -> str:
 
 
 def test_stage_with_two_workers_on_postgresql(pipeline_run, postgres, tmp_path):
-    params = write_params(tmp_path / "params.yaml", tune={"workers": 2, "n_trials": 5, "trial_steps": 30,
-                                                          "eval_every": 10, "storage": postgres})
+    # trials long enough (about 15 s each) that the spawned worker, which first imports torch, joins before the
+    # stage's own worker has spent the budget; no pruning, so that no trial is cut short
+    params = write_params(tmp_path / "params.yaml", tune={"workers": 2, "n_trials": 4, "trial_steps": 150,
+                                                          "eval_every": 50, "pruner": "none", "storage": postgres})
     proc = run_subprocess("tune", tune_args(pipeline_run, tmp_path / "tune", params))
     assert proc.returncode == 0, proc.stderr
+    assert "exited with an error" not in proc.stderr
     study = optuna.load_study(study_name="ldm", storage=postgres)
     trials = study.trials
-    assert 5 <= len(trials) <= 6 and len({t.number for t in trials}) == len(trials)
+    assert 4 <= len(trials) <= 5 and len({t.number for t in trials}) == len(trials)
     assert all(t.state in tuning.FINISHED for t in trials)
     workers = {t.user_attrs["worker"] for t in trials}
-    assert len(workers) == 2, workers  # both processes ran trials of the one study
+    assert len(workers) == 2, (workers, proc.stderr[-2000:])  # both processes ran trials of the one study
     assert not (tmp_path / "tune/study.db").exists()  # nothing went to the SQLite default
     assert sorted(p.name for p in (tmp_path / "tune").glob("best_params*")) == ["best_params.yaml"]  # written once
     best = yaml.safe_load((tmp_path / "tune/best_params.yaml").read_text())
