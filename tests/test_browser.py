@@ -7,6 +7,8 @@ with the repository's page template draws every chart offline."""
 from __future__ import annotations
 
 import json
+import re
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -151,11 +153,18 @@ def test_dvc_plots_show_draws_every_chart_offline(project, browser, tmp_path):
     page = (out / "index.html").read_text()
     assert "cdn.jsdelivr.net" not in page and "<script src=" not in page  # vega comes inline, not from a CDN
     browser.get((out / "index.html").as_uri())
-    charts = browser.execute_script("""return [...document.querySelectorAll('div[id] > script')].map(s =>
-        [s.parentElement.id, s.parentElement.querySelectorAll('canvas, svg.marks').length,
-         Math.max(0, ...[...s.parentElement.querySelectorAll('canvas')].map(c => c.width))])""")
-    declared = [name for entry in yaml.safe_load((REPO / "dvc.yaml").read_text())["plots"]
-                for name, spec in entry.items() if isinstance(spec, dict) and "y" in spec]
+    ids = re.findall(r"vegaEmbed\('#([^']+)'", page)  # one chart per vega spec on the page
+    script = """return arguments[0].map(id => { const div = document.getElementById(id);
+        return [id, div.querySelectorAll('canvas, svg.marks').length,
+                Math.max(0, ...[...div.querySelectorAll('canvas')].map(c => c.width))]; })"""
+    end = time.monotonic() + 20
+    while True:  # vega-embed draws asynchronously
+        charts = browser.execute_script(script, ids)
+        if all(drawn for _, drawn, _ in charts) or time.monotonic() > end:
+            break
+        time.sleep(0.5)
+    declared = [name for entry in yaml.safe_load((REPO / "dvc.yaml").read_text())["plots"] if isinstance(entry, dict)
+                for name, spec in entry.items() if isinstance(spec, dict) and "y" in spec]  # (not the image files)
     assert len(charts) == len(declared) >= 7, (charts, declared)  # every chart dvc.yaml defines
     blank = [name for name, drawn, width in charts if not (drawn and width > 100)]
     assert blank == [], f"charts not drawn offline: {blank}"
