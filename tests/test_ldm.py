@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pydicom
 import pytest
 import torch
+from conftest import REPO
 from monai.networks.nets import DiffusionModelUNet
 from torch.optim.swa_utils import AveragedModel
 
@@ -403,3 +406,27 @@ def test_with_spread_centres_the_spread_on_the_training_class_means(pipeline_run
         Sampler.with_spread(ldm, ae, 5, pick_device(), 0.0, 1.0, None, 1.2, 50, tmp_path / "nowhere")
     with pytest.raises(PipelineError, match="eta"):  # a bad setting is the user's error, not a traceback
         Sampler.with_spread(ldm, ae, 5, pick_device(), 0.0, -1.0, None, 1.0, 50, latents)
+
+
+def test_gpu_profile_times_each_task_on_the_devices_present(pipeline_run, tmp_path):
+    """benchmarks/gpu_profile.py on the tiny run: one short epoch of each training and a few cohort images per
+    device; without CUDA it says so and gives the CPU figures."""
+    out = tmp_path / "gpu_profile.json"
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks/gpu_profile.py"), "--out", str(out),
+                           "--params", str(pipeline_run.params), "--data", str(pipeline_run / "data/prepared"),
+                           "--latents", str(pipeline_run / "data/latents"),
+                           "--autoencoder", str(pipeline_run / "models/autoencoder"),
+                           "--ldm", str(pipeline_run / "models/ldm"), "--steps", "1", "--sample-n", "2"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert result["ran_on_gpu"] == torch.cuda.is_available()
+    assert set(result["devices"]) == ({"cuda", "cpu"} if torch.cuda.is_available() else {"cpu"})
+    for timings in result["devices"].values():
+        assert timings["train_autoencoder_epoch"]["steps"] == 1 and timings["train_ldm_epoch"]["steps"] == 1
+        assert timings["sample_cohort"]["images"] == 2
+        assert all(timings[t]["seconds"] > 0 for t in ("train_autoencoder_epoch", "train_ldm_epoch", "sample_cohort"))
+    placeholder = tmp_path / "placeholder.json"
+    subprocess.run([sys.executable, str(REPO / "benchmarks/gpu_profile.py"), "--placeholder", "--out",
+                    str(placeholder)], check=True)
+    assert json.loads(placeholder.read_text())["ran_on_gpu"] is False
