@@ -1,8 +1,10 @@
 """Stage ``guidance_sweep``: sample quality and label fidelity against the classifier-free guidance scale.
 
 For each scale, the same label-matched subset of the cohort (image i from seed ``seed + i``, train class proportions)
-is sampled with the trained model and scored by Inception FID and KID against the whole train split, and by the
-evaluator's label fidelity (accuracy at its val threshold, AUC) against the requested labels. Low guidance keeps
+is sampled with the trained model and scored by Inception FID against the real val split, the held-out reference
+every sampler choice is made on (docs/evaluation.md, "Which data chooses what"), by FID and KID against the whole
+train split (reported, never chosen on), and by the evaluator's label fidelity (accuracy at its val threshold, AUC)
+against the requested labels. ``selected_guidance_scale`` is the scale of lowest FID vs val. Low guidance keeps
 diversity but blurs the classes; high guidance sharpens the classes and loses diversity. The whole-cohort figure at
 one scale is what ``dvc exp run -S ldm.guidance_scale=W`` and the ``fid`` stage give; this stage trades N for a view
 of the whole curve in one run. Reads the ``guidance_sweep`` section of params.yaml, and the sampler settings
@@ -42,13 +44,14 @@ def stratified_labels(train_labels: np.ndarray, n: int) -> np.ndarray:
     return np.repeat(np.arange(len(CLASSES)), per_class)
 
 
-def score(images: np.ndarray, labels: np.ndarray, ref: np.ndarray, evaluator, batch_size: int,
-          seed: int) -> dict[str, float]:
-    """FID and KID against ``ref`` Inception features, and label fidelity, of one sampled set."""
+def score(images: np.ndarray, labels: np.ndarray, ref: np.ndarray, held_out: np.ndarray, evaluator,
+          batch_size: int, seed: int) -> dict[str, float]:
+    """FID and KID against the train Inception features ``ref``, FID against the held-out val features
+    ``held_out``, and label fidelity, of one sampled set."""
     feats = inception_features(images, batch_size, desc="inception")
     fidelity = binary_metrics(evaluator.predict_proba(images), labels, evaluator.threshold)
     kid_mean, _ = kid(feats, ref, 1000, 50, seed)
-    return {"fid": fid_from_features(feats, ref), "kid": kid_mean,
+    return {"fid": fid_from_features(feats, ref), "kid": kid_mean, "fid_val": fid_from_features(feats, held_out),
             "label_fidelity_accuracy": fidelity["accuracy"], "label_fidelity_auc": fidelity["auc"]}
 
 
@@ -73,6 +76,7 @@ def main(
     t0 = time.time()
     z = load_npz(fid_ref / "train.npz", ("features", "labels"), "fid_ref")
     ref, ref_labels = z["features"], z["labels"]
+    held_out = load_npz(fid_ref / "val.npz", ("features", "labels"), "fid_ref")["features"]
     labels = stratified_labels(ref_labels, n_images)
     seeds = [seed + i for i in range(n_images)]
     cohort = SamplerSettings(**read_keys(params, "ldm", SamplerSettings, "guidance_sweep"))
@@ -82,19 +86,24 @@ def main(
     show = np.concatenate([np.flatnonzero(labels == k)[:6] for k in range(len(CLASSES))])
     for w in scales:
         images = sampler.generate(labels, seeds, w, batch_size, desc=f"guidance {w}")
-        s = score(images, labels, ref, evaluator, 50, seed)
+        s = score(images, labels, ref, held_out, evaluator, 50, seed)
         rows.append({"guidance_scale": w, **{k: round(v, 5) for k, v in s.items()}})
-        out.update({f"{k}_vs_train_n{len(ref)}_sampled_n{n_images}_w{w:g}" if k in ("fid", "kid") else f"{k}_w{w:g}":
-                    round(v, 5) for k, v in s.items()})
+        names = {"fid": f"fid_vs_train_n{len(ref)}", "kid": f"kid_vs_train_n{len(ref)}",
+                 "fid_val": f"fid_vs_val_n{len(held_out)}"}
+        out.update({f"{names[k]}_sampled_n{n_images}_w{w:g}" if k in names else f"{k}_w{w:g}": round(v, 5)
+                    for k, v in s.items()})
         grids.append((f"w={w:g}", images[show]))
         typer.echo(f"guidance {w}: " + " ".join(f"{k}={v:.4f}" for k, v in s.items()), err=True)
+    out["selected_guidance_scale"] = min(rows, key=lambda r: r["fid_val"])["guidance_scale"]  # chosen on val only
     out["wall_time_s"] = round(time.time() - t0, 1)
     with atomic_outputs(metrics, curve, figure, grid) as (tmp_metrics, tmp_curve, tmp_figure, tmp_grid):
         write_json(tmp_metrics, out)
         write_tsv(tmp_curve, rows)
         x = [r["guidance_scale"] for r in rows]
         save_panels(tmp_figure, x, {
-            f"Inception FID vs train (N {n_images} vs {len(ref)})": {"FID": [r["fid"] for r in rows]},
+            f"Inception FID vs held-out val (N {n_images} vs {len(held_out)}; chooses)": {
+                "FID": [r["fid_val"] for r in rows]},
+            f"Inception FID vs train (N {n_images} vs {len(ref)}; reported)": {"FID": [r["fid"] for r in rows]},
             "KID vs train": {"KID": [r["kid"] for r in rows]},
             "label fidelity (evaluator)": {"accuracy": [r["label_fidelity_accuracy"] for r in rows],
                                            "AUC": [r["label_fidelity_auc"] for r in rows]}},

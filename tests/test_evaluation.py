@@ -105,9 +105,12 @@ def test_stratified_labels_follow_the_train_proportions():
 def test_guidance_sweep_stage(pipeline_run):
     m = json.loads((pipeline_run / "metrics/guidance_sweep.json").read_text())
     for w in ("1", "3"):
-        assert m[f"fid_vs_train_n24_sampled_n12_w{w}"] > 0
+        assert m[f"fid_vs_train_n24_sampled_n12_w{w}"] > 0 and m[f"fid_vs_val_n24_sampled_n12_w{w}"] > 0
         assert 0 <= m[f"label_fidelity_accuracy_w{w}"] <= 1
     rows = (pipeline_run / "metrics/plots/guidance_sweep.tsv").read_text().splitlines()
-    assert rows[0].split("\t")[:2] == ["guidance_scale", "fid"] and len(rows) == 3
+    assert rows[0].split("\t")[:2] == ["guidance_scale", "fid"] and "fid_val" in rows[0].split("\t")
+    assert len(rows) == 3
+    by_val = min(rows[1:], key=lambda r: float(r.split("\t")[rows[0].split("\t").index("fid_val")]))
+    assert m["selected_guidance_scale"] == float(by_val.split("\t")[0])  # the choice is made on val, not train
     for png in ("guidance_sweep.png", "guidance_sweep_samples.png"):
         assert (pipeline_run / "metrics/plots" / png).read_bytes()[:4] == b"\x89PNG"
