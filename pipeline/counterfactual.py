@@ -48,7 +48,7 @@ from pipeline.diffusion.edit import (CHANGE_SIGMA_OPTION, CLIP_DENOISED_OPTION, 
 from pipeline.diffusion.sampler import Sampler
 from pipeline.evaluation.classifier import load_classifier
 from pipeline.evaluation.counterfactual import (ARROWS, DIRECTIONS, direction_scores, guide_scores, panel_rows,
-                                                select_sources, sweep_scores)
+                                                readable_scores, select_sources, sweep_scores)
 from pipeline.figures.charts import save_frontier, save_panels
 from pipeline.figures.grids import save_edit_rows
 
@@ -159,6 +159,7 @@ def main(
     result.update(sweep_keys)
     result["wall_time_s"] = round(time.time() - t0, 1)
     p_source, p_edit = evaluator.predict_proba(sources), evaluator.predict_proba(edits)
+    result.update(readable_scores(sources, src, edits, p_source, evaluator))  # the honest count (#43)
     outputs = (out, metrics, curve, figure, frontier, panels)
     with atomic_outputs(*outputs) as (tmp_out, tmp_metrics, tmp_curve, tmp_fig, tmp_frontier, tmp_pan):
         save_npz(tmp_out, sources=sources, edits=edits, reversed=backs, null_edits=nulls, source_labels=src,
@@ -180,7 +181,7 @@ def main(
         save_frontier(tmp_frontier, rows, ARROWS, points, f"counterfactual edits of real {split.value} images: flip "
                              f"rate against identity\nchange low-pass σ {change_sigma:g} px, guidance "
                              f"{guidance_scale:g}, {num_inference_steps} DDIM steps")
-        idx, row_labels = panel_rows(src, test_index, p_source, p_edit, strengths, n_panels)
+        idx, row_labels = panel_rows(src, test_index, p_source, p_edit, strengths, n_panels, evaluator.threshold)
         rule = (f"t0 per image: the smallest of {min(guide_strengths):g}-{max(guide_strengths):g} the guide accepts "
                 f"(margin {guide_margin:g})" if strength_rule == StrengthRule.guided else
                 f"t0 {strength_to_pneumonia:g} (n2p) / {strength_to_normal:g} (p2n)")

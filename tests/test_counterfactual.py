@@ -416,11 +416,18 @@ def test_stage_writes_every_metric_as_a_plain_number(cf_metrics):
             for m in MEASURES:
                 assert f"{prefix}{d}_{m}" in cf_metrics
     for k, v in cf_metrics.items():
+        if v is None:  # the honest count has nothing to score where no source is read as its own label
+            d = k.split("_")[0]
+            assert k in (f"{d}_readable_flip_rate", f"{d}_readable_ssim") and cf_metrics[f"{d}_readable_n"] == 0, k
+            continue
         assert isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v), k
     for k in cf_metrics:
-        if k.endswith(("flip_rate", "ssim")):
+        if k.endswith(("flip_rate", "ssim")) and cf_metrics[k] is not None:
             assert -1.0 <= cf_metrics[k] <= 1.0, k
     assert cf_metrics["n2p_n"] == cf_metrics["p2n_n"] == 3
+    for d in DIRECTIONS:  # every source is either counted or excluded
+        kept = cf_metrics[f"{d}_readable_n"]
+        assert 0 <= kept <= 3 and cf_metrics[f"{d}_excluded_share"] == pytest.approx(1 - kept / 3, abs=1e-5)
     for d in DIRECTIONS:  # the tiny profile's rule is guided
         for key in ("strength_max", "guide_flip_rate", "guide_agreement"):
             assert 0.0 <= cf_metrics[f"{d}_{key}"] <= 1.0

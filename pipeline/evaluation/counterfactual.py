@@ -12,7 +12,7 @@ from pipeline.core.data import CLASSES
 from pipeline.evaluation.classifier import Evaluator
 
 __all__ = ["DIRECTIONS", "ARROWS", "PSNR_CAP_DB", "select_sources", "similarity", "flips_to", "edit_scores",
-           "direction_scores", "sweep_scores", "guide_scores", "panel_rows"]
+           "direction_scores", "readable_scores", "sweep_scores", "guide_scores", "panel_rows"]
 
 PSNR_CAP_DB = 100.0
 """PSNR of identical images is infinite; JSON metrics must be finite, so per-image PSNR is capped here."""
@@ -76,6 +76,26 @@ def direction_scores(sources: np.ndarray, source_labels: np.ndarray, edits: np.n
     return out
 
 
+def readable_scores(sources: np.ndarray, source_labels: np.ndarray, edits: np.ndarray, p_source: np.ndarray,
+                    evaluator: Evaluator) -> dict[str, float | int | None]:
+    """The edits of the sources the evaluator reads as their own label, counted apart (issue #43): an edit cannot be
+    credited with a flip the evaluator already saw in the unedited source (with no edit at all it calls 14 % of the
+    normal test sources pneumonia). Per direction: ``<dir>_readable_n``, ``<dir>_excluded_share`` (sources it reads
+    as the other class, left out), and ``<dir>_readable_flip_rate`` / ``_readable_ssim`` on the rest (None when no
+    source is left)."""
+    out: dict[str, float | int | None] = {}
+    own = flips_to(p_source, evaluator.threshold, source_labels)
+    for d, (src, tgt) in DIRECTIONS.items():
+        m = source_labels == src
+        r = m & own
+        out[f"{d}_readable_n"] = int(r.sum())
+        out[f"{d}_excluded_share"] = round(1.0 - float(r.sum()) / max(int(m.sum()), 1), 5)
+        scores = edit_scores(sources[r], edits[r], np.full(r.sum(), tgt), evaluator) if r.any() else {}
+        out[f"{d}_readable_flip_rate"] = round(scores["flip_rate"], 5) if scores else None
+        out[f"{d}_readable_ssim"] = round(scores["ssim"], 5) if scores else None
+    return out
+
+
 def sweep_scores(sources: np.ndarray, source_labels: np.ndarray, edits_at: dict[float, np.ndarray],
                  evaluator: Evaluator) -> tuple[dict[str, float], list[dict[str, float]]]:
     """Metrics ``sweep_t<s>_<dir>_<measure>`` and TSV rows (strength, flip and SSIM per direction) of the sweep."""
@@ -108,12 +128,16 @@ def guide_scores(source_labels: np.ndarray, edits: np.ndarray, strengths: np.nda
 
 
 def panel_rows(source_labels: np.ndarray, test_index: np.ndarray, p_source: np.ndarray, p_edit: np.ndarray,
-               strengths: np.ndarray, n: int) -> tuple[np.ndarray, list[str]]:
+               strengths: np.ndarray, n: int, threshold: float | None = None) -> tuple[np.ndarray, list[str]]:
     """The first ``n`` images of each direction, and their row labels (direction, test index, strength,
-    P(pneumonia))."""
+    P(pneumonia)). With the evaluator's ``threshold``, drawn from the sources it reads as their own label (all of the
+    direction's sources where none is)."""
     idx, labels = [], []
+    own = (flips_to(p_source, threshold, source_labels) if threshold is not None
+           else np.ones(len(source_labels), dtype=bool))
     for d, (src, _) in DIRECTIONS.items():
-        for i in np.flatnonzero(source_labels == src)[:n]:
+        pool = np.flatnonzero((source_labels == src) & own)
+        for i in (pool if len(pool) else np.flatnonzero(source_labels == src))[:n]:
             idx.append(i)
             labels.append(f"{ARROWS[d]}\ntest #{test_index[i]}, t0 {strengths[i]:g}\n"
                           f"P(pn) {p_source[i]:.2f}→{p_edit[i]:.2f}")

@@ -51,10 +51,15 @@ TARGETS: tuple[Target, ...] = (
            "MS-SSIM synthetic − real, normal (diversity)", ".3f", absolute=True),
     Target("msssim_pneumonia", "privacy.json", "msssim_pneumonia_diff", "<=", 0.05,
            "MS-SSIM synthetic − real, pneumonia", ".3f", absolute=True),
-    Target("n2p_flip", "counterfactual.json", "n2p_flip_rate", ">=", 0.90, "counterfactual flip, normal → pneumonia"),
-    Target("n2p_ssim", "counterfactual.json", "n2p_ssim", ">=", 0.85, "counterfactual SSIM, normal → pneumonia"),
-    Target("p2n_flip", "counterfactual.json", "p2n_flip_rate", ">=", 0.90, "counterfactual flip, pneumonia → normal"),
-    Target("p2n_ssim", "counterfactual.json", "p2n_ssim", ">=", 0.85, "counterfactual SSIM, pneumonia → normal"),
+    # counted on the sources the evaluator reads as their own label (#43): a flip it already saw unedited is no edit's
+    Target("n2p_flip", "counterfactual.json", "n2p_readable_flip_rate", ">=", 0.90,
+           "counterfactual flip, normal → pneumonia (sources read as normal)"),
+    Target("n2p_ssim", "counterfactual.json", "n2p_readable_ssim", ">=", 0.85,
+           "counterfactual SSIM, normal → pneumonia (sources read as normal)"),
+    Target("p2n_flip", "counterfactual.json", "p2n_readable_flip_rate", ">=", 0.90,
+           "counterfactual flip, pneumonia → normal (sources read as pneumonia)"),
+    Target("p2n_ssim", "counterfactual.json", "p2n_readable_ssim", ">=", 0.85,
+           "counterfactual SSIM, pneumonia → normal (sources read as pneumonia)"),
 )
 
 _OPS = {"<=": operator.le, ">=": operator.ge, "==": operator.eq}
