@@ -15,7 +15,6 @@ until this has run where a GPU is lent.
 from __future__ import annotations
 
 import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -30,6 +29,7 @@ sys.path.insert(0, str(REPO))
 from monai.networks.nets import AutoencoderKL, DiffusionModelUNet  # noqa: E402
 
 from pipeline.core.data import load_prepared  # noqa: E402
+from pipeline.core.runtime import cpu_model  # noqa: E402
 from pipeline.diffusion.autoencoder import Trainer  # noqa: E402
 from pipeline.diffusion.latents import load_train_val  # noqa: E402
 from pipeline.diffusion.networks import autoencoder_args  # noqa: E402
@@ -48,10 +48,7 @@ def sync(device: torch.device) -> None:
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").is_file() else []:
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip() + f" ({torch.get_num_threads()} threads)"
-    return platform.processor() or "cpu"
+    return f"{cpu_model()} ({torch.get_num_threads()} threads)"
 
 
 def autoencoder_epoch(data: Path, p: dict, device: torch.device, steps: int | None) -> dict[str, float]:

@@ -159,7 +159,7 @@ def main(
     result.update(sweep_keys)
     result["wall_time_s"] = round(time.time() - t0, 1)
     p_source, p_edit = evaluator.predict_proba(sources), evaluator.predict_proba(edits)
-    result.update(readable_scores(sources, src, edits, p_source, evaluator))  # the honest count (#43)
+    result.update(readable_scores(sources, src, edits, p_source, p_edit, evaluator.threshold))  # the honest count
     outputs = (out, metrics, curve, figure, frontier, panels)
     with atomic_outputs(*outputs) as (tmp_out, tmp_metrics, tmp_curve, tmp_fig, tmp_frontier, tmp_pan):
         save_npz(tmp_out, sources=sources, edits=edits, reversed=backs, null_edits=nulls, source_labels=src,

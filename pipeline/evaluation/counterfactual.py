@@ -77,22 +77,25 @@ def direction_scores(sources: np.ndarray, source_labels: np.ndarray, edits: np.n
 
 
 def readable_scores(sources: np.ndarray, source_labels: np.ndarray, edits: np.ndarray, p_source: np.ndarray,
-                    evaluator: Evaluator) -> dict[str, float | int | None]:
+                    p_edit: np.ndarray, threshold: float) -> dict[str, float | int | None]:
     """The edits of the sources the evaluator reads as their own label, counted apart (issue #43): an edit cannot be
     credited with a flip the evaluator already saw in the unedited source (with no edit at all it calls 14 % of the
     normal test sources pneumonia). Per direction: ``<dir>_readable_n``, ``<dir>_excluded_share`` (sources it reads
     as the other class, left out), and ``<dir>_readable_flip_rate`` / ``_readable_ssim`` on the rest (None when no
     source is left)."""
     out: dict[str, float | int | None] = {}
-    own = flips_to(p_source, evaluator.threshold, source_labels)
+    own = flips_to(p_source, threshold, source_labels)
     for d, (src, tgt) in DIRECTIONS.items():
         m = source_labels == src
         r = m & own
         out[f"{d}_readable_n"] = int(r.sum())
         out[f"{d}_excluded_share"] = round(1.0 - float(r.sum()) / max(int(m.sum()), 1), 5)
-        scores = edit_scores(sources[r], edits[r], np.full(r.sum(), tgt), evaluator) if r.any() else {}
-        out[f"{d}_readable_flip_rate"] = round(scores["flip_rate"], 5) if scores else None
-        out[f"{d}_readable_ssim"] = round(scores["ssim"], 5) if scores else None
+        if r.any():  # the evaluator's probabilities on the edits are the stage's own, not predicted again
+            flips = flips_to(p_edit[r], threshold, np.full(r.sum(), tgt))
+            out[f"{d}_readable_flip_rate"] = round(float(flips.mean()), 5)
+            out[f"{d}_readable_ssim"] = round(float(similarity(edits[r], sources[r])["ssim"].mean()), 5)
+        else:
+            out[f"{d}_readable_flip_rate"] = out[f"{d}_readable_ssim"] = None
     return out
 
 
