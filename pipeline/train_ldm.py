@@ -5,7 +5,8 @@ cosine learning rate, gradient clipping, and an exponential moving average (EMA)
 and sampled from. A non-finite loss stops training with a clear error; the last good EMA weights are kept.
 The loop is :func:`pipeline.diffusion.training.fit`. Reads the ``train_ldm`` section of params.yaml (the sampling keys
 are the ``ldm`` section's, read by ``sample``); with ``use_tuned`` the keys found by the ``tune`` stage (its
-``best_params.yaml``) replace the params.yaml values, and the log says which.
+``best_params.yaml``) replace the params.yaml values, and the log says which. With ``processes`` > 1 it trains
+data-parallel under torchrun (:mod:`pipeline.core.distributed`): same recipe, weights checked identical on every rank.
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ from monai.networks.nets import DiffusionModelUNet
 
 from pipeline.core.artifacts import atomic_outputs, save_model, seed_all, write_json, write_tsv
 from pipeline.core.cli import PipelineError, params_option, run_stage
+from pipeline.core.distributed import Ranks, train_on
 from pipeline.core.optim import checkpoint_beside
-from pipeline.core.runtime import pick_device
 from pipeline.diffusion.latents import load_train_val
 from pipeline.diffusion.networks import unet_args, unet_precision
 from pipeline.diffusion.schedule import make_ddpm, scheduler_args
@@ -63,19 +64,32 @@ def main(
     warmup_steps: int = typer.Option(..., min=0, help="Linear warm-up steps."),
     grad_clip: float = typer.Option(..., min=0.0, help="Gradient-norm clip."),
     seed: int = typer.Option(..., help="Seed for weights, batches, noise and label dropout."),
+    processes: int = typer.Option(..., min=1, help="Training processes (data-parallel with torchrun: gloo on the "
+                                  "CPU, NCCL on CUDA, one GPU each); 1 trains in this process."),
 ) -> None:
     """Train the conditional latent diffusion U-Net; save its EMA weights, loss curve and metrics. A run killed midway
     resumes from its last finished epoch when rerun with the same settings (models/.ldm.checkpoint)."""
+    options = {k: v for k, v in locals().items() if k not in ("params", "processes")}
+    train_on(processes, "pipeline.train_ldm", "train_ldm.processes", lambda ranks: _train(**options, ranks=ranks))
+
+
+def _train(*, latents: Path, out: Path, metrics: Path, curve: Path, tuned: Path | None, use_tuned: bool,
+           channels: list[int], attention_levels: list[bool], num_res_blocks: int, num_head_channels: int,
+           norm_num_groups: int, num_train_timesteps: int, schedule: str, prediction_type: str, latent_norm: str,
+           label_dropout: float, min_snr_gamma: float, ema_decay: float, epochs: int, batch_size: int, lr: float,
+           warmup_steps: int, grad_clip: float, seed: int, ranks: Ranks) -> None:
+    """The training of :func:`main` in this process (one of ``ranks``; rank 0 writes)."""
     hp = {"channels": channels, "attention_levels": attention_levels, "num_res_blocks": num_res_blocks, "lr": lr}
     for key, value in read_tuned(tuned, use_tuned).items():
-        typer.echo(f"train_ldm.{key}: {hp.get(key)} (params.yaml) -> {value} (tuned, {tuned})", err=True)
+        if ranks.main:
+            typer.echo(f"train_ldm.{key}: {hp.get(key)} (params.yaml) -> {value} (tuned, {tuned})", err=True)
         hp[key] = value
     if prediction_type not in ("epsilon", "v_prediction"):
         raise PipelineError(f"params key 'train_ldm.prediction_type' must be epsilon or v_prediction, got "
                             f"{prediction_type}")
     t0 = time.time()
     gen = seed_all(seed)
-    device = pick_device()
+    device = ranks.device
     data, shift, scale = load_train_val(latents, latent_norm)
     args = unet_args(data["train"][0].shape[1], hp["channels"], hp["attention_levels"], hp["num_res_blocks"],
                      num_head_channels, norm_num_groups)
@@ -87,27 +101,36 @@ def main(
     settings = {"hp": hp, "args": args, "scheduler": sargs, "epochs": epochs, "batch_size": batch_size, "seed": seed,
                 "warmup_steps": warmup_steps, "grad_clip": grad_clip, "label_dropout": label_dropout,
                 "ema_decay": ema_decay, "min_snr_gamma": min_snr_gamma, "latent_norm": latent_norm}
+    if ranks.world > 1:  # N processes sum in another order than one: a checkpoint resumes only the same N
+        settings["processes"] = ranks.world
     # a killed run resumes from its last epoch
     checkpoint = checkpoint_beside(out, settings, latents, precision=unet_precision(device))
 
     def log(row: dict[str, float]) -> None:
         rows.append({"epoch": int(round(row["epoch"])), "train_loss": row["train_loss"], "val_loss": row["val_loss"],
                      "lr": row["lr"]})
-        typer.echo(f"epoch={rows[-1]['epoch']}/{epochs} train_loss={row['train_loss']:.5f} "
-                   f"val_loss={row['val_loss']:.5f}", err=True)
+        if ranks.main:
+            typer.echo(f"epoch={rows[-1]['epoch']}/{epochs} train_loss={row['train_loss']:.5f} "
+                       f"val_loss={row['val_loss']:.5f}", err=True)
 
     try:
         ema = fit(unet, sched, data["train"], data["val"], steps=epochs * per_epoch, eval_every=per_epoch,
                   batch_size=batch_size, lr=hp["lr"], warmup_steps=warmup_steps, grad_clip=grad_clip,
                   label_dropout=label_dropout, ema_decay=ema_decay, seed=seed, gen=gen, device=device,
-                  min_snr_gamma=min_snr_gamma, on_eval=log, checkpoint=checkpoint)
+                  min_snr_gamma=min_snr_gamma, on_eval=log, checkpoint=checkpoint, ranks=ranks)
     except NonFiniteLoss as exc:
-        _save(out, metrics, curve, exc.ema, args, sargs, shift, scale, rows, t0)
+        if ranks.main:
+            _save(out, metrics, curve, exc.ema, args, sargs, shift, scale, rows, t0)
         raise PipelineError(f"{exc} (epoch {len(rows) + 1}). The last good EMA weights were saved to {out}") from None
+    # a one-process run writes what it always did; several also record that their weights agreed
+    parallel = {"processes": ranks.world, "rank_weight_hashes": ranks.check_identical(ema.module)} \
+        if ranks.world > 1 else {}
+    if not ranks.main:
+        return
     _save(out, metrics, curve, ema.module, args, sargs, shift, scale, rows, t0, lr=hp["lr"], epochs=epochs,
           batch_size=batch_size, warmup_steps=warmup_steps, label_dropout=label_dropout, ema_decay=ema_decay,
           min_snr_gamma=min_snr_gamma,
-          tuned_from=str(tuned) if use_tuned and tuned is not None else None)
+          tuned_from=str(tuned) if use_tuned and tuned is not None else None, **parallel)
     checkpoint.clear()
 
 
