@@ -92,6 +92,7 @@ def main(
     processes: int = typer.Option(2, min=2, help="Processes of the data-parallel runs."),
     unet_steps: int = typer.Option(60, min=1, help="Timed U-Net steps per run."),
     autoencoder_steps: int = typer.Option(150, min=1, help="Timed autoencoder steps per run."),
+    loops: list[str] = typer.Option(["unet", "autoencoder"], help="Training loops to time: unet, autoencoder."),
     out: Path = typer.Option(REPO / "metrics" / "ddp_speed.json", help="Output JSON."),
     worker: str = typer.Option("", hidden=True, help="Internal: time this loop in this process and print it."),
 ) -> None:
@@ -108,7 +109,9 @@ def main(
                     "processes": processes}
     base = [sys.executable, str(Path(__file__).resolve()), "--params", str(params), "--unet-steps", str(unet_steps),
             "--autoencoder-steps", str(autoencoder_steps)] + (["--tuned", str(tuned)] if tuned else [])
-    for loop in ("unet", "autoencoder"):
+    for loop in loops:
+        if loop not in ("unet", "autoencoder"):
+            raise typer.BadParameter(f"unknown loop {loop!r}: unet or autoencoder", param_hint="--loops")
         rates = {}
         for n in (1, processes):
             launch = [] if n == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
