@@ -27,6 +27,7 @@ sys.path.insert(0, str(REPO))
 
 from monai.networks.nets import AutoencoderKL, DiffusionModelUNet  # noqa: E402
 
+from pipeline.core.data import pad_amounts  # noqa: E402
 from pipeline.core.distributed import start, stop, under_torchrun  # noqa: E402
 from pipeline.core.runtime import cpu_model, pick_device  # noqa: E402
 from pipeline.diffusion.autoencoder import Trainer  # noqa: E402
@@ -39,12 +40,17 @@ app = typer.Typer(add_completion=False, help=__doc__)
 N_TRAIN = 4708  # PneumoniaMNIST's train split
 
 
+def _padded_size(params: dict) -> int:
+    """The side of the prepared images (``data.size`` reflect-padded as ``prepare`` pads it)."""
+    return params["data"]["size"] + sum(pad_amounts(params["data"]["size"], params["data"]["pad_multiple"]))
+
+
 def _time_unet(params: dict, tuned: Path | None, steps: int, processes: int) -> float:
     p = params["train_ldm"]
     hp = {"channels": p["channels"], "attention_levels": p["attention_levels"], "num_res_blocks": p["num_res_blocks"],
           "lr": p["lr"]} | read_tuned(tuned, tuned is not None)
     ranks = start(processes, "--processes", pick_device())
-    size = params["data"]["size"] + (-params["data"]["size"]) % params["data"]["pad_multiple"]
+    size = _padded_size(params)
     side = size // 2 ** (len(params["autoencoder"]["channels"]) - 1)
     gen = torch.Generator().manual_seed(0)
     z = torch.randn(N_TRAIN, params["autoencoder"]["latent_channels"], side, side, generator=gen)
@@ -68,7 +74,7 @@ def _time_unet(params: dict, tuned: Path | None, steps: int, processes: int) -> 
 def _time_autoencoder(params: dict, steps: int, processes: int) -> float:
     p = params["autoencoder"]
     ranks = start(processes, "--processes", pick_device())
-    size = params["data"]["size"] + (-params["data"]["size"]) % params["data"]["pad_multiple"]
+    size = _padded_size(params)
     torch.manual_seed(0)
     ae = AutoencoderKL(**autoencoder_args(p["channels"], p["latent_channels"], p["num_res_blocks"],
                                           p["norm_num_groups"]))
@@ -100,24 +106,25 @@ def main(
     cfg = yaml.safe_load(params.read_text())
     if worker:
         n = int(os.environ.get("WORLD_SIZE", "1")) if under_torchrun() else 1
-        rate = _time_unet(cfg, tuned, unet_steps, n) if worker == "unet" else _time_autoencoder(cfg, autoencoder_steps,
-                                                                                                n)
+        if worker == "unet":
+            rate = _time_unet(cfg, tuned, unet_steps, n)
+        else:
+            rate = _time_autoencoder(cfg, autoencoder_steps, n)
         if int(os.environ.get("RANK", "0")) == 0:
             print(json.dumps({"steps_per_s": rate}))
         return
     result: dict = {"cpu_model": cpu_model(), "cpu_count": os.cpu_count(), "device": pick_device().type,
                     "processes": processes}
-    base = [sys.executable, str(Path(__file__).resolve()), "--params", str(params), "--unet-steps", str(unet_steps),
-            "--autoencoder-steps", str(autoencoder_steps)] + (["--tuned", str(tuned)] if tuned else [])
+    script = [str(Path(__file__).resolve()), "--params", str(params), "--unet-steps", str(unet_steps),
+              "--autoencoder-steps", str(autoencoder_steps)] + (["--tuned", str(tuned)] if tuned else [])
     for loop in loops:
         if loop not in ("unet", "autoencoder"):
             raise typer.BadParameter(f"unknown loop {loop!r}: unet or autoencoder", param_hint="--loops")
         rates = {}
         for n in (1, processes):
-            launch = [] if n == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                        f"--nproc_per_node={n}"]
-            cmd = [*launch, *base[1:], "--worker", loop] if launch else [*base, "--worker", loop]
-            done = subprocess.run(cmd, capture_output=True, text=True, check=True)
+            launch = [] if n == 1 else ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}"]
+            done = subprocess.run([sys.executable, *launch, *script, "--worker", loop], capture_output=True, text=True,
+                                  check=True)
             rates[n] = json.loads(done.stdout.strip().splitlines()[-1])["steps_per_s"]
             typer.echo(f"{loop}: {n} process(es): {rates[n]:.2f} steps/s", err=True)
         result[f"{loop}_steps_per_s_1"] = round(rates[1], 3)

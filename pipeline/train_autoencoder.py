@@ -75,8 +75,7 @@ def _train(*, data: Path, out: Path, metrics: Path, curve: Path, channels: list[
     settings = {"args": args, "epochs": epochs, "batch_size": batch_size, "lr": lr, "kl_weight": kl_weight,
                 "adv_weight": adv_weight, "adv_start_epoch": adv_start_epoch, "disc_channels": disc_channels,
                 "seed": seed}
-    if ranks.world > 1:  # N processes sum in another order than one: a checkpoint resumes only the same N
-        settings["processes"] = ranks.world
+    settings |= ranks.settings()
     checkpoint = checkpoint_beside(out, settings, data, precision="float32")  # a killed run resumes from its last epoch
     saved = checkpoint.load()
     if saved is not None:
@@ -108,14 +107,13 @@ def _train(*, data: Path, out: Path, metrics: Path, curve: Path, channels: list[
             checkpoint.save({"trainer": trainer.state(), "gen": gen.get_state(), "rows": rows, "best": best,
                              "best_state": best_state, "best_epoch": best_epoch, "epoch": epoch + 1})
     ae.load_state_dict(best_state)
-    # a one-process run writes what it always did; several also record that their weights agreed
-    parallel = {"training": {"processes": ranks.world, "rank_weight_hashes": ranks.check_identical(ae)}} \
-        if ranks.world > 1 else {}
+    parallel = ranks.provenance(ae)
     if not ranks.main:
         return
     meta = read_meta(data)
     with atomic_outputs(out, metrics, curve) as (tmp_out, tmp_metrics, tmp_curve):
-        save_model(tmp_out, ae, "AutoencoderKL", args, "train_autoencoder", data=meta, **parallel)
+        save_model(tmp_out, ae, "AutoencoderKL", args, "train_autoencoder", data=meta,
+                   **({"training": parallel} if parallel else {}))
         write_tsv(tmp_curve, [{k: r.get(k, float("nan")) for k in rows[-1]} for r in rows])
         write_json(tmp_metrics, {"best_epoch": best_epoch, "best_val_l1": round(best, 6), "epochs": epochs,
                                  "steps": epochs * steps_per_epoch, "wall_time_s": round(time.time() - t0, 1)})

@@ -101,8 +101,7 @@ def _train(*, latents: Path, out: Path, metrics: Path, curve: Path, tuned: Path 
     settings = {"hp": hp, "args": args, "scheduler": sargs, "epochs": epochs, "batch_size": batch_size, "seed": seed,
                 "warmup_steps": warmup_steps, "grad_clip": grad_clip, "label_dropout": label_dropout,
                 "ema_decay": ema_decay, "min_snr_gamma": min_snr_gamma, "latent_norm": latent_norm}
-    if ranks.world > 1:  # N processes sum in another order than one: a checkpoint resumes only the same N
-        settings["processes"] = ranks.world
+    settings |= ranks.settings()
     # a killed run resumes from its last epoch
     checkpoint = checkpoint_beside(out, settings, latents, precision=unet_precision(device))
 
@@ -122,9 +121,7 @@ def _train(*, latents: Path, out: Path, metrics: Path, curve: Path, tuned: Path 
         if ranks.main:
             _save(out, metrics, curve, exc.ema, args, sargs, shift, scale, rows, t0)
         raise PipelineError(f"{exc} (epoch {len(rows) + 1}). The last good EMA weights were saved to {out}") from None
-    # a one-process run writes what it always did; several also record that their weights agreed
-    parallel = {"processes": ranks.world, "rank_weight_hashes": ranks.check_identical(ema.module)} \
-        if ranks.world > 1 else {}
+    parallel = ranks.provenance(ema.module)
     if not ranks.main:
         return
     _save(out, metrics, curve, ema.module, args, sargs, shift, scale, rows, t0, lr=hp["lr"], epochs=epochs,

@@ -20,7 +20,7 @@ import os
 import subprocess
 import sys
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -84,6 +84,17 @@ class Ranks:
         hashes: list[str] = [""] * self.world
         dist.all_gather_object(hashes, mine)
         return hashes
+
+    def settings(self) -> dict[str, int]:
+        """What the processes add to a run's checkpoint key: nothing for one process (its key stays what it always
+        was), else their number (N processes sum in another order than one: a checkpoint resumes only the same N)."""
+        return {} if self.world == 1 else {"processes": self.world}
+
+    def provenance(self, module: torch.nn.Module) -> dict[str, Any]:
+        """What a model folder records of the processes that trained ``module``: nothing for one process (it writes
+        what it always did), else their number and weight hashes, checked equal (:meth:`check_identical`; every
+        rank must call it)."""
+        return {} if self.world == 1 else {"processes": self.world, "rank_weight_hashes": self.check_identical(module)}
 
     def check_identical(self, module: torch.nn.Module) -> list[str]:
         """The :meth:`weight_hashes`; raises when the ranks' weights differ (a bug: they must stay in step)."""

@@ -77,7 +77,7 @@ class Trainer:
             g_adv = self.adv(self.disc(recon)[-1], target_is_real=True, for_discriminator=False)
             loss = loss + self.adv_weight * g_adv
             terms["g_adv"] = g_adv
-        out = {k: self._whole(v, scale) for k, v in terms.items()}
+        out = self._whole(terms, scale)
         self.opt.zero_grad(set_to_none=True)
         (loss if self.ranks.world == 1 else scale * loss).backward()
         self.opt.step()
@@ -86,9 +86,13 @@ class Trainer:
             out["d_adv"] = self._disc_step(x, recon.detach())
         return out
 
-    def _whole(self, term: torch.Tensor, scale: float) -> float:
-        """A loss term of this rank's share as the whole batch's value (the term itself for one process)."""
-        return term.item() if self.ranks.world == 1 else self.ranks.mean(scale * term.detach()).item()
+    def _whole(self, terms: dict[str, torch.Tensor], scale: float) -> dict[str, float]:
+        """The loss terms of this rank's share as the whole batch's values, in one all-reduce (the terms themselves
+        for one process)."""
+        if self.ranks.world == 1:
+            return {k: v.item() for k, v in terms.items()}
+        values = self.ranks.mean(scale * torch.stack([v.detach() for v in terms.values()]))
+        return dict(zip(terms, values.tolist()))
 
     def _disc_step(self, real: torch.Tensor, fake: torch.Tensor) -> float:
         loss = 0.5 * (self.adv(self.disc(fake)[-1], target_is_real=False, for_discriminator=True)
